@@ -1,0 +1,221 @@
+"""Settings from <home>/broker.toml, with a few environment overrides.
+
+The file is written once by `broker init` and meant to be read by a person: every
+setting has a comment there. Environment variables win so tests and containers can
+point the same home at another database (BROKER_DATABASE_URL).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "broker.toml"
+AUTH_MODES = ("token", "dkim", "pgp")
+
+
+class ConfigError(Exception):
+    """broker.toml is missing or wrong; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    starttls: bool = False
+    username: str = ""
+    password: str = ""
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    domain: str
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2525
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    database_url: str = ""
+    max_message_size: int = 25 * 1024 * 1024
+    hold_days: float = 14.0
+    reply_auth: str = "token"
+    notify_sender_on_release: bool = True
+    # Retry schedule for outbound copies, in seconds; the last step repeats until
+    # give_up_after seconds have passed since the first attempt.
+    retry_schedule: tuple[float, ...] = (60, 300, 1800, 7200, 21600)
+    give_up_after: float = 3 * 24 * 3600
+    # How often the timer looks for expired holds, in seconds.
+    expiry_interval: float = 60.0
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def content_dir(self) -> Path:
+        return self.home / "content"
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{what} must look like HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def default_database_url(home: Path) -> str:
+    return f"sqlite:///{home / 'broker.db'}"
+
+
+def resolve_home(home: str | os.PathLike[str] | None) -> Path:
+    value = home or os.environ.get("BROKER_HOME")
+    if not value:
+        raise ConfigError("no broker home: pass --home DIR or set BROKER_HOME")
+    return Path(value).expanduser().resolve()
+
+
+def load(home: Path) -> Settings:
+    path = home / CONFIG_NAME
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run `broker init --home {home}` first")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return from_mapping(home, raw, source=str(path))
+
+
+def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
+    def need(section: dict, key: str, kind: type, where: str) -> Any:
+        value = section.get(key)
+        if value is None:
+            return None
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise ConfigError(f"{source}: {where}{key} must be {kind.__name__}, got {value!r}")
+        return value
+
+    domain = need(raw, "domain", str, "")
+    if not domain:
+        raise ConfigError(f"{source}: `domain` is required")
+    smtp = raw.get("smtp", {})
+    listen = need(smtp, "listen", str, "smtp.") or "127.0.0.1:2525"
+    lhost, lport = parse_hostport(listen, f"{source}: smtp.listen")
+    relay_raw = raw.get("relay", {})
+    relay = RelaySettings(
+        host=need(relay_raw, "host", str, "relay.") or "127.0.0.1",
+        port=need(relay_raw, "port", int, "relay.") or 25,
+        starttls=bool(need(relay_raw, "starttls", bool, "relay.") or False),
+        username=need(relay_raw, "username", str, "relay.") or "",
+        password=os.environ.get("BROKER_RELAY_PASSWORD")
+        or need(relay_raw, "password", str, "relay.")
+        or "",
+        timeout=need(relay_raw, "timeout", float, "relay.") or 30.0,
+    )
+    db = raw.get("database", {})
+    url = os.environ.get("BROKER_DATABASE_URL") or need(db, "url", str, "database.") or ""
+    hold = raw.get("hold", {})
+    replies = raw.get("replies", {})
+    auth = need(replies, "authentication", str, "replies.") or "token"
+    if auth not in AUTH_MODES:
+        raise ConfigError(
+            f"{source}: replies.authentication must be one of {', '.join(AUTH_MODES)}, got {auth!r}"
+        )
+    release = raw.get("release", {})
+    outbox = raw.get("outbox", {})
+    schedule = outbox.get("retry_schedule")
+    if schedule is not None and (
+        not isinstance(schedule, list) or not schedule
+        or not all(isinstance(s, int | float) and s >= 0 for s in schedule)
+    ):
+        raise ConfigError(f"{source}: outbox.retry_schedule must be a list of seconds")
+    size = need(smtp, "max_message_size", int, "smtp.") or 25 * 1024 * 1024
+    return Settings(
+        home=home,
+        domain=domain.lower(),
+        listen_host=lhost,
+        listen_port=lport,
+        relay=relay,
+        database_url=url or default_database_url(home),
+        max_message_size=size,
+        hold_days=need(hold, "lifetime_days", float, "hold.") or 14.0,
+        reply_auth=auth,
+        notify_sender_on_release=bool(release.get("notify_sender", True)),
+        retry_schedule=tuple(float(s) for s in schedule) if schedule else Settings.retry_schedule,
+        give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
+        expiry_interval=need(hold, "check_interval", float, "hold.") or 60.0,
+    )
+
+
+CONFIG_TEMPLATE = """\
+# broker.toml - settings of this disclosure broker. Edit with care; `broker serve`
+# reads it at start. Secrets may come from the environment instead
+# (BROKER_RELAY_PASSWORD, BROKER_DATABASE_URL).
+
+# The mail domain the broker owns: <child>@{domain}, review+TOKEN@{domain},
+# bounces+ID@{domain}.
+domain = "{domain}"
+
+[smtp]
+# Where the broker's SMTP intake listens (HOST:PORT).
+listen = "{listen}"
+# Larger mail is refused with 552 (bytes; 25 MB).
+max_message_size = {max_size}
+
+[relay]
+# The SMTP server that carries the broker's outbound mail.
+host = "{relay_host}"
+port = {relay_port}
+starttls = false
+username = ""
+password = ""
+timeout = 30.0
+
+[database]
+# SQLAlchemy URL. Empty: SQLite (WAL) in this home. For several broker processes
+# use PostgreSQL, e.g. "postgresql+psycopg://broker@db.internal/broker".
+url = ""
+
+[hold]
+# Days a record waits for a decision; then it expires and is treated as denied.
+lifetime_days = 14
+# Seconds between checks for expired holds.
+check_interval = 60
+
+[replies]
+# How a guardian's reply is authenticated before it may decide anything:
+#   token - the record's token and a guardian's From address (demo and tests only)
+#   dkim  - also a verified DKIM signature / trusted Authentication-Results
+#   pgp   - also a valid OpenPGP signature by the guardian's registered key
+authentication = "{auth}"
+
+[release]
+# Tell the sender when their message has been forwarded (never what was decided).
+notify_sender = true
+
+[outbox]
+# Seconds between delivery attempts; the last step repeats until give_up_after.
+retry_schedule = [60, 300, 1800, 7200, 21600]
+give_up_after = 259200
+"""
+
+
+def render_config(
+    *, domain: str, listen: str, relay: str, auth: str = "token", max_size: int = 25 * 1024 * 1024
+) -> str:
+    relay_host, relay_port = parse_hostport(relay, "--relay")
+    parse_hostport(listen, "--listen")
+    if auth not in AUTH_MODES:
+        raise ConfigError(f"authentication must be one of {', '.join(AUTH_MODES)}")
+    return CONFIG_TEMPLATE.format(
+        domain=domain.lower(),
+        listen=listen,
+        relay_host=relay_host,
+        relay_port=relay_port,
+        auth=auth,
+        max_size=max_size,
+    )

@@ -1,0 +1,1 @@
+"""records: a held record's states and the one function that changes them."""
