@@ -1,0 +1,84 @@
+"""The hash chain, as pure functions: canonical encoding, hashing, verification.
+
+Each event's hash covers its own fields and the previous event's hash, so changing,
+deleting or reordering any row breaks every hash after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    at: str  # ISO 8601 UTC, microseconds
+    child: str
+    record_id: int | None
+    actor: str
+    actor_role: str
+    action: str
+    recipients: tuple[str, ...]
+    description: dict
+    prev_hash: str
+
+
+def canonical(event: Event) -> bytes:
+    """The exact bytes that are hashed: sorted keys, no spaces, UTF-8."""
+    body = {
+        "seq": event.seq,
+        "at": event.at,
+        "child": event.child,
+        "record": event.record_id,
+        "actor": event.actor,
+        "actor_role": event.actor_role,
+        "action": event.action,
+        "recipients": list(event.recipients),
+        "description": event.description,
+        "prev_hash": event.prev_hash,
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def event_hash(event: Event) -> str:
+    return hashlib.sha256(canonical(event)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str = ""
+
+
+def verify(events: Iterable[tuple[Event, str]], head: tuple[int, str] | None = None) -> Verdict:
+    """Walk (event, stored_hash) pairs in seq order. `head` is the stored (seq, hash)
+    of the last event, which catches deleting events from the end."""
+    prev = GENESIS
+    expected_seq = 1
+    checked = 0
+    for event, stored in events:
+        if event.seq != expected_seq:
+            return Verdict(False, checked, expected_seq, f"event {expected_seq} is missing")
+        if event.prev_hash != prev:
+            return Verdict(False, checked, event.seq, "prev_hash does not match the event before")
+        if event_hash(event) != stored:
+            return Verdict(False, checked, event.seq, "hash does not match the event's content")
+        prev = stored
+        expected_seq += 1
+        checked += 1
+    if head is not None:
+        head_seq, head_hash = head
+        if head_seq != checked:
+            return Verdict(
+                False, checked, checked + 1, f"log ends at {checked} but head says {head_seq}"
+            )
+        if checked and head_hash != prev:
+            return Verdict(False, checked, checked, "last hash does not match the head")
+    return Verdict(True, checked)

@@ -1,0 +1,52 @@
+"""What every command needs: the home, its settings, the database, the content store."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from broker import config
+from broker.content.store import ContentStore
+from broker.db.engine import Database
+
+
+@dataclass
+class Broker:
+    settings: config.Settings
+    db: Database
+    content: ContentStore
+
+
+def open_broker(home: str | None) -> Broker:
+    try:
+        settings = config.load(config.resolve_home(home))
+    except config.ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return Broker(settings, Database(settings.database_url), ContentStore(settings.content_dir))
+
+
+home_option = click.option(
+    "--home",
+    envvar="BROKER_HOME",
+    type=click.Path(file_okay=False),
+    help="The broker's home directory (or set BROKER_HOME).",
+)
+
+
+def with_broker(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --home and passes an opened Broker as the first argument."""
+
+    @home_option
+    @functools.wraps(fn)
+    def wrapper(home: str | None, **kwargs: Any) -> Any:
+        broker = open_broker(home)
+        try:
+            return fn(broker, **kwargs)
+        finally:
+            broker.db.dispose()
+
+    return wrapper

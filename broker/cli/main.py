@@ -1,0 +1,23 @@
+"""The `broker` command. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from broker import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="broker")
+def cli() -> None:
+    """Disclosure broker: holds every record until a guardian decides by email reply."""
+
+
+def _register() -> None:
+    from broker.cli import audit, records
+
+    cli.add_command(audit.audit)
+    cli.add_command(records.records)
+
+
+_register()

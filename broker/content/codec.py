@@ -1,0 +1,90 @@
+"""Documents and drafts to and from bytes, for the content store (JSON, versioned)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from broker.mail.document import Attachment, Document, Draft, Paragraph
+
+VERSION = 1
+
+
+def _paras(items: tuple[Paragraph, ...] | None) -> list[list[str]] | None:
+    return None if items is None else [[p.id, p.text] for p in items]
+
+
+def _unparas(items: list[list[str]] | None) -> tuple[Paragraph, ...] | None:
+    return None if items is None else tuple(Paragraph(i, t) for i, t in items)
+
+
+def document_to_bytes(doc: Document) -> bytes:
+    obj = {
+        "v": VERSION,
+        "subject": doc.subject,
+        "sender": doc.sender,
+        "sender_name": doc.sender_name,
+        "date": doc.date,
+        "had_html": doc.had_html,
+        "paragraphs": _paras(doc.paragraphs),
+        "attachments": [
+            {
+                "label": a.label,
+                "filename": a.filename,
+                "content_type": a.content_type,
+                "size": a.size,
+                "data": base64.b64encode(a.data).decode("ascii"),
+                "paragraphs": _paras(a.paragraphs),
+                "note": a.note,
+            }
+            for a in doc.attachments
+        ],
+    }
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def document_from_bytes(data: bytes) -> Document:
+    obj = json.loads(data)
+    return Document(
+        subject=obj["subject"],
+        sender=obj["sender"],
+        sender_name=obj["sender_name"],
+        date=obj["date"],
+        had_html=obj["had_html"],
+        paragraphs=_unparas(obj["paragraphs"]) or (),
+        attachments=tuple(
+            Attachment(
+                label=a["label"],
+                filename=a["filename"],
+                content_type=a["content_type"],
+                size=a["size"],
+                data=base64.b64decode(a["data"]),
+                paragraphs=_unparas(a["paragraphs"]),
+                note=a.get("note", ""),
+            )
+            for a in obj["attachments"]
+        ),
+    )
+
+
+def draft_to_bytes(draft: Draft) -> bytes:
+    obj = {
+        "v": VERSION,
+        "redact_ids": sorted(draft.redact_ids),
+        "phrases": list(draft.phrases),
+        "dropped": sorted(draft.dropped),
+        "recipients": None if draft.recipients is None else list(draft.recipients),
+        "note": draft.note,
+    }
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()
+
+
+def draft_from_bytes(data: bytes) -> Draft:
+    obj = json.loads(data)
+    return Draft(
+        redact_ids=frozenset(obj["redact_ids"]),
+        phrases=tuple(obj["phrases"]),
+        dropped=frozenset(obj["dropped"]),
+        recipients=None if obj["recipients"] is None else tuple(obj["recipients"]),
+        note=obj["note"],
+    )

@@ -1,0 +1,369 @@
+"""SMTP intake: accept mail for the broker's addresses and put it in the spool, nothing more.
+
+The handler only checks recipients and size, stores the raw bytes durably (in a worker thread, so
+the event loop never blocks on disk - aiosmtpd issue 293) and answers 250 once they are stored.
+Parsing, decryption, policy and database work belong to the pipeline, which reads the spool.
+
+Run standalone (tests, benchmarks)::
+
+    python -m broker.intake.smtp --spool DIR --domain records.example --slug sam --port 0
+
+prints ``READY <host> <port>`` on stdout once listening and serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import re
+import signal
+import socket
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+from aiosmtpd.smtp import Session as SMTPSession
+
+from broker.intake.spool import Envelope, Spool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE_LIMIT = 25 * 1024 * 1024
+MAX_RECIPIENTS = 100
+DEFAULT_STORE_THREADS = 16
+
+REPLY_NO_SUCH_RECIPIENT = "550 5.1.1 no such recipient here"
+REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
+REPLY_TEMP_FAILURE = "451 4.3.0 Temporary failure, try again later"
+
+_REVIEW_RE = re.compile(r"review\+[a-z2-7]{32}")
+_BOUNCE_RE = re.compile(r"bounces\+[0-9]{1,20}")
+
+
+class _NoContentInLogs(logging.Filter):
+    """Drop aiosmtpd's DEBUG lines that echo DATA lines: logs must never hold message content."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not msg.startswith("DATA readline")
+
+
+def _install_log_filter() -> None:
+    """Attach the content filter to aiosmtpd's logger once per process."""
+    logger = logging.getLogger("mail.log")
+    if not any(isinstance(f, _NoContentInLogs) for f in logger.filters):
+        logger.addFilter(_NoContentInLogs())
+
+
+def _format_peer(peer: Any) -> str:
+    """``host:port`` (``[v6]:port``) for the envelope; aiosmtpd gives a socket address tuple."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer)
+
+
+class IntakeHandler:
+    """aiosmtpd handler: recipient check at RCPT, durable store at DATA, 250 only after that."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        accepts: Callable[[str], bool],
+        on_stored: Callable[[str], None] | None = None,
+        *,
+        store_threads: int = DEFAULT_STORE_THREADS,
+    ) -> None:
+        self.spool = spool
+        self.accepts = accepts
+        self.on_stored = on_stored
+        # Enough threads that concurrent sessions' fsyncs overlap (and share group commits).
+        self._executor = ThreadPoolExecutor(
+            max_workers=store_threads, thread_name_prefix="spool-store"
+        )
+        self._in_flight: set[asyncio.Future[str]] = set()
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: SMTPEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        """Refuse unknown addresses here, so senders get a bounce from their own server."""
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return REPLY_TOO_MANY_RECIPIENTS
+        if not self.accepts(address):
+            return REPLY_NO_SUCH_RECIPIENT
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(
+        self, server: SMTP, session: SMTPSession, envelope: SMTPEnvelope
+    ) -> str:
+        """Store the raw bytes durably off the event loop; only then say 250."""
+        data = envelope.original_content
+        if data is None:  # aiosmtpd always sets it before calling us
+            return REPLY_TEMP_FAILURE
+        mail_from = envelope.mail_from or ""
+        rcpt_tos = tuple(envelope.rcpt_tos)
+        peer = _format_peer(session.peer)
+        helo = session.host_name or ""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(
+            self._executor, self._store, data, mail_from, rcpt_tos, peer, helo
+        )
+        self._in_flight.add(fut)
+        try:
+            spool_id = await fut
+        except OSError as exc:
+            # Never log content; the errno and size are what an operator needs.
+            log.error(
+                "intake: could not spool %d-byte message from %s: %s",
+                len(data), peer, exc.strerror or type(exc).__name__,
+            )
+            return REPLY_NO_SPACE if exc.errno == errno.ENOSPC else REPLY_TEMP_FAILURE
+        except Exception:
+            log.exception("intake: unexpected error spooling a message from %s", peer)
+            return REPLY_TEMP_FAILURE
+        finally:
+            self._in_flight.discard(fut)
+        log.info("intake: queued %s (%d bytes, %d rcpt) from %s",
+                 spool_id, len(data), len(rcpt_tos), peer)
+        if self.on_stored is not None:
+            try:
+                self.on_stored(spool_id)
+            except Exception:
+                # The message is durable; the pipeline's scan of pending() will find it anyway.
+                log.exception("intake: on_stored callback failed for %s", spool_id)
+        return f"250 2.0.0 Ok: queued as {spool_id}"
+
+    def _store(
+        self, data: bytes, mail_from: str, rcpt_tos: tuple[str, ...], peer: str, helo: str
+    ) -> str:
+        """Runs in a worker thread: hashing 25 MB and fsyncs must not stall the event loop."""
+        envelope = Envelope.for_message(
+            data, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=peer, helo=helo
+        )
+        return self.spool.store(data, envelope)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Let stores already under way finish (and their clients get 250) before shutdown."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout)
+
+    def close(self) -> None:
+        """Wait for running stores and release the worker threads."""
+        self._executor.shutdown(wait=True)
+
+
+def address_acceptor(domain: str, child_slugs: Callable[[], set[str]]) -> Callable[[str], bool]:
+    """Recipient policy for RCPT: child list addresses, review+TOKEN, bounces+ID at ``domain``.
+
+    Syntax only for tokens and ids; whether they are valid is the pipeline's decision.
+    ``child_slugs`` is called on the event loop for each RCPT, so it must be cheap (a cached set).
+    """
+    want_domain = domain.strip().lower()
+
+    def accepts(address: str) -> bool:
+        local, at, dom = address.strip().rpartition("@")
+        if not at or not local or dom.lower() != want_domain:
+            return False
+        local = local.lower()
+        if _REVIEW_RE.fullmatch(local) or _BOUNCE_RE.fullmatch(local):
+            return True
+        return local in {s.lower() for s in child_slugs()}
+
+    return accepts
+
+
+class IntakeServer:
+    """The listening SMTP server around an :class:`IntakeHandler`.
+
+    Uses an explicit asyncio server rather than aiosmtpd's ``Controller`` because Controller
+    cannot bind port 0 (its start-up self-connection goes to the literal port) and always wants
+    its own thread; here ``start_async`` runs on the caller's loop (``broker serve``) and
+    ``start`` runs a private loop thread (tests, scripts).
+    """
+
+    def __init__(
+        self,
+        handler: IntakeHandler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        hostname: str | None = None,
+        data_size_limit: int = DEFAULT_SIZE_LIMIT,
+        timeout: float = 300.0,
+    ) -> None:
+        self.handler = handler
+        self._host = host
+        self._port = port
+        # Passing hostname stops aiosmtpd calling socket.getfqdn() (blocking DNS) per connection.
+        self.hostname = hostname or socket.gethostname()
+        self.data_size_limit = data_size_limit
+        self.timeout = timeout
+        self._server: asyncio.AbstractServer | None = None
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        _install_log_filter()
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with port 0)."""
+        return self._port
+
+    def _factory(self) -> SMTP:
+        """One SMTP protocol per connection, with the size limit advertised as SIZE."""
+        smtp = SMTP(
+            self.handler,
+            hostname=self.hostname,
+            data_size_limit=self.data_size_limit,
+            decode_data=False,  # keep the raw bytes; the pipeline parses
+            enable_SMTPUTF8=True,  # accept internationalised addresses instead of refusing mail
+            timeout=self.timeout,
+        )
+        self._sessions.add(smtp)
+        return smtp
+
+    async def start_async(self) -> None:
+        """Listen on the running loop."""
+        if self._server is not None:
+            raise RuntimeError("intake server already started")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._factory, host=self._host, port=self._port)
+        sockname = self._server.sockets[0].getsockname()
+        self._port = int(sockname[1])
+        log.info("intake: listening on %s:%d", self._host, self._port)
+
+    async def stop_async(self, grace: float = 10.0) -> None:
+        """Stop listening, let in-flight stores answer, then drop the remaining connections."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        await self.handler.wait_idle(grace)
+        for smtp in list(self._sessions):
+            transport = smtp.transport
+            if transport is not None:
+                transport.close()
+        await asyncio.sleep(0)
+
+    def start(self) -> None:
+        """Run the server on a private event loop in a daemon thread; returns once listening."""
+        if self._thread is not None:
+            raise RuntimeError("intake server already started")
+        ready = threading.Event()
+        error: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self.start_async())
+            except BaseException as exc:
+                error.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                tasks = asyncio.all_tasks(loop)
+                for task in tasks:
+                    task.cancel()
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="smtp-intake", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if error:
+            self._thread.join()
+            self._thread = None
+            raise error[0]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Counterpart of :meth:`start`."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop_async(grace), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        self._thread = None
+        self._loop = None
+
+    def __enter__(self) -> IntakeServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone intake for tests and benchmarks: serve until SIGTERM/SIGINT."""
+    p = argparse.ArgumentParser(prog="python -m broker.intake.smtp", description=main.__doc__)
+    p.add_argument("--spool", required=True, type=Path, help="spool directory")
+    p.add_argument("--domain", required=True, help="the broker's mail domain")
+    p.add_argument("--slug", action="append", default=[], help="child slug to accept (repeat)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--hostname", default=None, help="name in the SMTP greeting")
+    p.add_argument("--size-limit", type=int, default=DEFAULT_SIZE_LIMIT)
+    p.add_argument("--store-threads", type=int, default=DEFAULT_STORE_THREADS)
+    p.add_argument("--no-group-commit", action="store_true",
+                   help="one directory fsync per message instead of shared ones")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    spool = Spool(args.spool, group_commit=not args.no_group_commit)
+    spool.cleanup_partial()
+    slugs = set(args.slug)
+    handler = IntakeHandler(
+        spool, address_acceptor(args.domain, lambda: slugs), store_threads=args.store_threads
+    )
+    server = IntakeServer(handler, args.host, args.port, hostname=args.hostname or args.domain,
+                          data_size_limit=args.size_limit)
+
+    async def serve() -> None:
+        await server.start_async()
+        print(f"READY {server.host} {server.port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop_async()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        handler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
