@@ -14,8 +14,14 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from broker.cli import audit, records
+    from broker.cli import audit, demo, records, serve, setup, team
 
+    cli.add_command(setup.init)
+    cli.add_command(setup.migrate)
+    cli.add_command(team.apply_cmd)
+    cli.add_command(team.team)
+    cli.add_command(serve.serve)
+    cli.add_command(demo.demo)
     cli.add_command(audit.audit)
     cli.add_command(records.records)
 

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -161,6 +162,8 @@ class Delivery(Base):
     message_id: Mapped[str] = mapped_column(String(400))
     content_ref: Mapped[str] = mapped_column(String(128))
     sha256: Mapped[str] = mapped_column(String(64))
+    # For the audit when a release copy is delivered: subject, attachments, released_by.
+    summary: Mapped[str] = mapped_column(Text, default="{}")
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -173,6 +176,14 @@ class AuditEvent(Base):
     """Append-only, hash-chained. seq is assigned under the audit_head lock."""
 
     __tablename__ = "audit_events"
+    # For `broker audit` filters (migration 0002): disclosures per child and period,
+    # disclosures of everyone in a period, and every event of a child or a period.
+    __table_args__ = (
+        Index("ix_audit_events_child_action_at", "child", "action", "at"),
+        Index("ix_audit_events_action_at", "action", "at"),
+        Index("ix_audit_events_child_at", "child", "at"),
+        Index("ix_audit_events_at", "at"),
+    )
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

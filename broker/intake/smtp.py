@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZE_LIMIT = 25 * 1024 * 1024
 MAX_RECIPIENTS = 100
 DEFAULT_STORE_THREADS = 16
+import os
+DIRECT = bool(os.environ.get('DIRECT'))
 
 REPLY_NO_SUCH_RECIPIENT = "550 5.1.1 no such recipient here"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -122,9 +124,13 @@ class IntakeHandler:
         peer = _format_peer(session.peer)
         helo = session.host_name or ""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(
+        if DIRECT:
+            env = Envelope.for_message(data, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=peer, helo=helo)
+            fut = asyncio.wrap_future(self.spool.submit(data, env))
+        else:
+          fut = loop.run_in_executor(
             self._executor, self._store, data, mail_from, rcpt_tos, peer, helo
-        )
+          )
         self._in_flight.add(fut)
         try:
             spool_id = await fut
@@ -332,14 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hostname", default=None, help="name in the SMTP greeting")
     p.add_argument("--size-limit", type=int, default=DEFAULT_SIZE_LIMIT)
     p.add_argument("--store-threads", type=int, default=DEFAULT_STORE_THREADS)
-    p.add_argument("--no-group-commit", action="store_true",
-                   help="one directory fsync per message instead of shared ones")
+    p.add_argument("--commit", choices=["batch", "group", "each"], default="batch",
+                   help="how stores are flushed (see broker.intake.spool.Spool)")
+    p.add_argument("--batch-window", type=float, default=0.0,
+                   help="seconds the batch writer waits for more messages")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    spool = Spool(args.spool, group_commit=not args.no_group_commit)
+    spool = Spool(args.spool, commit=args.commit, batch_window=args.batch_window)
     spool.cleanup_partial()
     slugs = set(args.slug)
     handler = IntakeHandler(
@@ -362,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve())
     finally:
         handler.close()
+        spool.close()
     return 0
 
 

@@ -195,7 +195,7 @@ def _one_line(value: str) -> str:
 def _check_address(addr: str, what: str) -> str:
     """A bare address with no room for header injection."""
     addr = addr.strip()
-    if any(c in addr for c in "\r\n<>,;\"") or addr.count("@") != 1 or " " in addr:
+    if any(c in addr for c in '\r\n<>,;"') or addr.count("@") != 1 or " " in addr:
         raise ValueError(f"{what} must be one bare address, got {addr!r}")
     return addr
 
@@ -289,7 +289,9 @@ def compose(
     if not body.endswith("\n"):
         body += "\n"
     plain = body.isascii() and all(len(line) <= _MAX_PLAIN_LINE for line in body.split("\n"))
-    msg.set_content(body, subtype="plain", charset="utf-8", cte="7bit" if plain else "quoted-printable")
+    msg.set_content(
+        body, subtype="plain", charset="utf-8", cte="7bit" if plain else "quoted-printable"
+    )
 
     for att in attachments:
         maintype, subtype = _mime_type(att.content_type)

@@ -121,6 +121,7 @@ def upgrade() -> None:
         sa.Column("message_id", sa.String(length=400), nullable=False),
         sa.Column("content_ref", sa.String(length=128), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("summary", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", sa.DateTime(), nullable=False),

@@ -1,0 +1,247 @@
+"""`broker audit`: who received what and when, every event, and proof the log is intact.
+
+This is how a parent answers "who has seen Sam's records?" (DESIGN.md promise 5), so
+the default view is disclosures only; `--all` shows the whole trail. JSON and CSV are
+for exporting, so their field names are a stable format.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy.orm import Session
+
+from broker.audit import queries
+from broker.audit.log import verify_log
+from broker.cli.context import Broker, home_option, with_broker
+
+DISCLOSURE_FIELDS = (
+    "seq", "at", "child", "record", "recipient", "recipient_name",
+    "subject", "attachments", "sha256", "released_by",
+)  # fmt: skip
+EVENT_FIELDS = (
+    "seq", "at", "child", "record", "actor", "actor_role", "action",
+    "recipients", "description",
+)  # fmt: skip
+
+
+class DateParam(click.ParamType):
+    """A calendar day as YYYY-MM-DD, with an error that says what was expected."""
+
+    name = "DATE"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dt.date:
+        if isinstance(value, dt.date):
+            return value
+        try:
+            return dt.date.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a date; use YYYY-MM-DD, e.g. 2025-03-31", param, ctx)
+
+
+def console() -> Console:
+    """A console that does not wrap tables narrowly when output goes to a file or pipe."""
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=max(out.width, 200))
+    return out
+
+
+def when(at: dt.datetime) -> str:
+    """Times shown to people: UTC to the minute, labelled, so no one guesses the zone."""
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def short(desc: dict[str, Any], limit: int = 80) -> str:
+    """One line out of an event description, for the --all table (empty values left out)."""
+    parts = []
+    for key, value in sorted(desc.items()):
+        if value in (None, "", [], {}):
+            continue
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        parts.append(f"{key}={value}")
+    text = "; ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_child(s: Session, child: str | None) -> None:
+    """A mistyped child would otherwise look like "nobody received anything"."""
+    if child is None:
+        return
+    known = queries.child_slugs(s)
+    if child not in known:
+        listing = ", ".join(known) or "none yet"
+        raise click.BadParameter(f"no child {child!r} (known: {listing})", param_hint="--child")
+
+
+def write_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    """CSV with a header row; lists are joined with '; ', dicts written as JSON."""
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat: dict[str, Any] = {}
+        for key in fields:
+            value = row.get(key)
+            if isinstance(value, list):
+                value = "; ".join(str(v) for v in value)
+            elif isinstance(value, dict):
+                value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+            elif value is None:
+                value = ""
+            flat[key] = value
+        writer.writerow(flat)
+
+
+def disclosure_table(items: Sequence[queries.Disclosure]) -> Table:
+    table = Table(title="Disclosures", show_lines=False)
+    table.add_column("date", no_wrap=True)
+    table.add_column("child")
+    table.add_column("record", justify="right")
+    table.add_column("recipient")
+    table.add_column("what was sent")
+    table.add_column("released by")
+    for d in items:
+        who = f"{d.recipient_name} <{d.recipient}>" if d.recipient_name else d.recipient
+        what = d.subject or "(no subject)"
+        if d.attachments:
+            what += "\n+ " + ", ".join(d.attachments)
+        record = "" if d.record_id is None else str(d.record_id)
+        cells = (when(d.at), d.child, record, who, what, d.released_by)
+        table.add_row(*(Text(c) for c in cells))  # Text: never read user data as markup
+    return table
+
+
+def event_table(items: Sequence[queries.EventRow]) -> Table:
+    table = Table(title="Audit events")
+    table.add_column("seq", justify="right")
+    table.add_column("time", no_wrap=True)
+    table.add_column("child")
+    table.add_column("record", justify="right")
+    table.add_column("actor")
+    table.add_column("action")
+    table.add_column("recipients")
+    table.add_column("description")
+    for e in items:
+        cells = (
+            str(e.seq),
+            when(e.at),
+            e.child,
+            "" if e.record_id is None else str(e.record_id),
+            f"{e.actor} ({e.actor_role})" if e.actor_role else e.actor,
+            e.action,
+            ", ".join(e.recipients),
+            short(e.description),
+        )
+        table.add_row(*(Text(c) for c in cells))  # Text: never read user data as markup
+    return table
+
+
+def show(
+    broker: Broker,
+    *,
+    child: str | None,
+    since: dt.date | None,
+    until: dt.date | None,
+    record: int | None,
+    show_all: bool,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """The listing itself, once the options are known to be consistent."""
+    with broker.db.session() as s:
+        check_child(s, child)
+        if show_all:
+            items: Sequence[Any] = queries.events(s, child, since, until, record)
+        else:
+            items = queries.disclosures(s, child, since, until, record)
+    fields = EVENT_FIELDS if show_all else DISCLOSURE_FIELDS
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in items], indent=2, ensure_ascii=False))
+    elif as_csv:
+        write_csv([i.as_dict() for i in items], fields)
+    elif not items:
+        click.echo("no audit events match" if show_all else "no disclosures match")
+    else:
+        console().print(event_table(items) if show_all else disclosure_table(items))
+
+
+@click.group(invoke_without_command=True)
+@home_option
+@click.option("--child", help="Only this child (slug, e.g. sam).")
+@click.option("--since", type=DateParam(), help="From this UTC day on (YYYY-MM-DD).")
+@click.option("--until", type=DateParam(), help="Up to and including this UTC day.")
+@click.option("--record", type=click.IntRange(min=1), help="Only this record id.")
+@click.option("--all", "show_all", is_flag=True, help="Every event, not only disclosures.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header row.")
+@click.pass_context
+def audit(
+    ctx: click.Context,
+    home: str | None,
+    child: str | None,
+    since: dt.date | None,
+    until: dt.date | None,
+    record: int | None,
+    show_all: bool,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """Who received what and when (use --all for every event).
+
+    Dates are whole UTC days and both ends are included.
+    """
+    listing = child or since or until or record or show_all or as_json or as_csv
+    if ctx.invoked_subcommand is not None:
+        if listing:
+            raise click.UsageError(
+                f"filters and output options belong to `broker audit`, not to "
+                f"`broker audit {ctx.invoked_subcommand}` (it always checks the whole log)"
+            )
+        if home:
+            # Let `broker audit --home DIR verify` mean the same as `... verify --home DIR`.
+            ctx.default_map = {**(ctx.default_map or {}), ctx.invoked_subcommand: {"home": home}}
+        return
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    if since and until and since > until:
+        raise click.BadParameter(
+            f"--since {since} is after --until {until}", param_hint="--since/--until"
+        )
+    with_broker(show)(
+        home=home,
+        child=child,
+        since=since,
+        until=until,
+        record=record,
+        show_all=show_all,
+        as_json=as_json,
+        as_csv=as_csv,
+    )
+
+
+@audit.command("verify")
+@with_broker
+def verify(broker: Broker) -> None:
+    """Walk the whole hash chain; exit 1 and name the first bad event if it was altered."""
+    with broker.db.session() as s:
+        verdict = verify_log(s)
+    if verdict.ok:
+        click.echo(f"audit log OK: {verdict.checked} events")
+        return
+    # The verdict is the command's answer, so it goes to stdout like the OK line.
+    click.echo(f"audit log BROKEN at seq {verdict.first_bad_seq}: {verdict.reason}")
+    click.get_current_context().exit(1)

@@ -1,0 +1,253 @@
+"""The intake pipeline: from a spooled message to a held record, a decision, or a
+quarantine - one database transaction per message, off the SMTP event loop.
+
+The spool file is removed only after the transaction that took the message in has
+committed, and a message already taken in (same spool id) is skipped, so a crash at
+any point neither loses a message nor processes it twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import json
+import logging
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.utils import parseaddr
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from broker.audit.log import record_event
+from broker.content.codec import document_to_bytes
+from broker.db.models import Child, Inbound, Person, Record
+from broker.intake.spool import SpoolEntry
+from broker.mail import compose as mc
+from broker.mail.autoreply import classify_automatic
+from broker.mail.parse import ParseFailed, parse_message
+from broker.policy.recipients import default_recipients, hold_reasons
+from broker.records import states
+from broker.records.transitions import transition
+from broker.review import render, tokens
+from broker.review.notify import Notifier, guardians
+from broker.review.replies import handle_reply
+from broker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.notifier = Notifier(rt.content, rt.settings.domain)
+
+    def run_once(self, limit: int = 100) -> int:
+        entries = self.rt.spool.pending(limit)
+        for entry in entries:
+            self.process(entry)
+        return len(entries)
+
+    def process(self, entry: SpoolEntry) -> None:
+        raw = self.rt.spool.read(entry.id)
+        try:
+            with self.rt.db.session() as s:
+                if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)) is None:
+                    self._take_in(s, entry, raw)
+        except Exception as exc:
+            # A bug or a database outage must neither lose the message nor spin on it:
+            # database errors leave it in the spool for the next round; anything else
+            # is kept as a failed inbound row, with its bytes, for the operator.
+            if isinstance(exc, OperationalError):
+                log.warning("database unavailable; message %s stays spooled", entry.id)
+                raise
+            log.exception("message %s could not be processed: %s", entry.id, type(exc).__name__)
+            self._keep_failed(entry, raw, exc)
+        self.rt.spool.remove(entry.id)
+
+    def _keep_failed(self, entry: SpoolEntry, raw: bytes, exc: Exception) -> None:
+        with self.rt.db.session() as s:
+            if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)) is not None:
+                return
+            inbound = self._inbound(s, entry, raw, kind="failed")
+            inbound.outcome = f"internal error: {type(exc).__name__}; kept for the operator"
+            record_event(s, action="intake_failed", actor="broker", actor_role="broker",
+                         description={"inbound": inbound.id, "error": type(exc).__name__,
+                                      "sha256": inbound.sha256})
+
+    def _inbound(self, s: Session, entry: SpoolEntry, raw: bytes, kind: str) -> Inbound:
+        env = entry.envelope
+        inbound = Inbound(
+            spool_id=entry.id,
+            received_at=dt.datetime.fromisoformat(env.received_at),
+            mail_from=env.mail_from,
+            rcpt_tos=json.dumps(list(env.rcpt_tos)),
+            size=len(raw),
+            sha256=env.sha256,
+            raw_ref=self.rt.content.put(raw),
+            kind=kind,
+        )
+        s.add(inbound)
+        s.flush()
+        return inbound
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _take_in(self, s: Session, entry: SpoolEntry, raw: bytes) -> None:
+        domain = self.rt.settings.domain
+        env = entry.envelope
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(raw)
+        assert isinstance(headers, EmailMessage)
+        rcpts = [r.lower() for r in env.rcpt_tos]
+
+        bounce_ids = [i for r in rcpts if (i := mc.delivery_id_from_bounce_address(r, domain))]
+        if bounce_ids:
+            inbound = self._inbound(s, entry, raw, kind="bounce")
+            inbound.outcome = "delivery status notification; kept"
+            record_event(s, action="bounce_received", actor=env.mail_from or "<>",
+                         actor_role="outside",
+                         description={"inbound": inbound.id, "deliveries": bounce_ids})
+            return
+
+        addr_tokens = [t for r in rcpts if (t := mc.token_from_address(r, domain))]
+        ref_tokens = mc.tokens_from_references(
+            [str(v) for h in ("In-Reply-To", "References") for v in headers.get_all(h, [])],
+            domain,
+        )
+        from_addr = _from_address(headers)
+        if addr_tokens or (ref_tokens and self._is_any_guardian(s, from_addr)):
+            inbound = self._inbound(s, entry, raw, kind="reply")
+            msg = email.message_from_bytes(raw, policy=policy.default)
+            assert isinstance(msg, EmailMessage)
+            handle_reply(s, self.rt, self.notifier, inbound, msg, env.mail_from,
+                         list(dict.fromkeys(addr_tokens + ref_tokens)))
+            return
+
+        slugs = [local for r in rcpts if (local := _local_at(r, domain)) is not None]
+        children = s.scalars(select(Child).where(Child.slug.in_(slugs))).all() if slugs else []
+        if not children:
+            inbound = self._inbound(s, entry, raw, kind="stray")
+            inbound.outcome = "no child of this broker among the recipients"
+            record_event(s, action="stray_mail", actor=from_addr or "<>", actor_role="outside",
+                         description={"inbound": inbound.id, "recipients": rcpts})
+            return
+        inbound = self._inbound(s, entry, raw, kind="record")
+        for child in children:
+            self._new_record(s, entry, inbound, child, headers, from_addr)
+
+    def _is_any_guardian(self, s: Session, address: str) -> bool:
+        return address != "" and s.scalar(
+            select(Person.id).where(Person.email == address, Person.role == "guardian",
+                                    Person.active.is_(True)).limit(1)
+        ) is not None
+
+    # -- a new record -------------------------------------------------------------------
+
+    def _new_record(
+        self,
+        s: Session,
+        entry: SpoolEntry,
+        inbound: Inbound,
+        child: Child,
+        headers: EmailMessage,
+        from_addr: str,
+    ) -> None:
+        env = entry.envelope
+        subject = " ".join(str(headers.get("Subject", "")).split())
+        received_at = inbound.received_at
+        record = Record(
+            child_id=child.id, child=child, state=states.RECEIVED, sender_email=from_addr,
+            subject=subject, raw_ref=inbound.raw_ref, raw_sha256=inbound.sha256,
+            received_at=received_at,
+        )
+        s.add(record)
+        s.flush()
+        inbound.record_id = record.id
+        inbound.child_id = child.id
+        record_event(
+            s, action="received", actor=from_addr or "<>", actor_role="sender",
+            child=child.slug, record_id=record.id,
+            description={"subject": subject, "sender": from_addr, "sha256": inbound.sha256,
+                         "size": inbound.size, "envelope_from": env.mail_from},
+        )
+
+        automatic = classify_automatic(headers, env.mail_from)
+        if automatic:
+            self._quarantine(s, record, f"automatic mail: {automatic}", notify=False)
+            return
+        sender = s.scalar(
+            select(Person).where(Person.child_id == child.id, Person.email == from_addr,
+                                 Person.active.is_(True))
+        )
+        if sender is None:
+            self._quarantine(s, record, "the sender is not on the team")
+            return
+        if sender.role == "guardian":
+            self._quarantine(s, record, "mail from a guardian to the list address is not "
+                             "forwarded; guardians decide by replying to review requests")
+            return
+        try:
+            doc = parse_message(entry.eml_path)
+        except ParseFailed as exc:
+            self._quarantine(s, record, f"malformed message: it could not be read ({exc})")
+            return
+
+        record.sender_id = sender.id
+        record.doc_ref = self.rt.content.put(document_to_bytes(doc))
+        record.hold_reasons = json.dumps(hold_reasons(sender))
+        record.expires_at = received_at + dt.timedelta(days=self.rt.settings.hold_days)
+        transition(s, record, states.HELD, actor="broker", actor_role="broker",
+                   description={"sender": from_addr, "sender_role": sender.role,
+                                "reasons": json.loads(record.hold_reasons),
+                                "paragraphs": len(doc.paragraphs),
+                                "attachments": [a.filename for a in doc.attachments]})
+
+        team = s.scalars(select(Person).where(Person.child_id == child.id)).all()
+        recipients = default_recipients(sender.role, team)
+        token = tokens.issue(s, record, record.expires_at)
+        sent_to = self.notifier.review_request(s, record, doc, token, recipients, sender)
+        transition(s, record, states.AWAITING_REVIEW, actor="broker", actor_role="broker",
+                   action="review_requested", recipients=sent_to,
+                   description={"default_recipients": [p.email for p in recipients],
+                                "expires_at": record.expires_at.isoformat()})
+        message_id = str(headers.get("Message-ID", "")).strip() or None
+        self.notifier.notice(
+            s, child, sender, "receipt",
+            render.render_receipt(child_name=child.name, subject=subject,
+                                  received_at=received_at),
+            subject=subject, record=record, in_reply_to=message_id,
+            auto_submitted="auto-replied",
+        )
+
+    def _quarantine(self, s: Session, record: Record, reason: str, notify: bool = True) -> None:
+        record.quarantine_reason = reason
+        transition(s, record, states.QUARANTINED, actor="broker", actor_role="broker",
+                   description={"reason": reason})
+        if not notify:
+            return
+        for g in guardians(s, record.child):
+            self.notifier.notice(
+                s, record.child, g, "quarantine",
+                render.render_quarantine_notice(
+                    child_name=record.child.name, quarantine_id=record.id,
+                    from_addr=record.sender_email or "(no sender)", subject=record.subject,
+                    date=record.received_at.strftime("%Y-%m-%d %H:%M UTC"), reason=reason,
+                ),
+                subject=record.subject, record=record,
+            )
+
+
+def _from_address(headers: EmailMessage) -> str:
+    try:
+        value = str(headers.get("From", ""))
+    except Exception:  # a header the parser cannot even turn into text
+        return ""
+    return parseaddr(value)[1].strip().lower()
+
+
+def _local_at(address: str, domain: str) -> str | None:
+    local, _, dom = address.rpartition("@")
+    return local if dom == domain and local and "+" not in local else None
+

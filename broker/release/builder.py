@@ -1,0 +1,74 @@
+"""Turning an approval into one queued copy per recipient, built by the broker.
+
+The provider's MIME is never passed through: every copy is rendered from the
+approved ReleaseContent, so only what the parent saw in the preview can leave.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from sqlalchemy.orm import Session
+
+from broker.content.store import ContentStore
+from broker.db.models import Person, Record, utcnow
+from broker.mail import compose as mc
+from broker.mail.document import ReleaseContent
+from broker.release.outbox import enqueue
+from broker.review import render
+
+
+def queue_release(
+    s: Session,
+    content_store: ContentStore,
+    domain: str,
+    record: Record,
+    content: ReleaseContent,
+    recipients: Sequence[Person],
+    released_by: Person,
+) -> dict[str, str]:
+    """Queues the copies; returns recipient -> sha256 of the exact bytes queued."""
+    child = record.child
+    released_at = utcnow()
+    text = render.render_release(
+        render.ReleaseContext(
+            record_id=record.id,
+            child_name=child.name,
+            content=content,
+            released_by=released_by.name or released_by.email,
+            released_at=released_at,
+        )
+    )
+    summary = {
+        "subject": content.subject,
+        "attachments": [a.filename for a in content.attachments],
+        "released_by": released_by.email,
+        "released_by_name": released_by.name,
+    }
+    hashes: dict[str, str] = {}
+    for person in recipients:
+        data = mc.compose_release(
+            child_name=child.name, slug=child.slug, domain=domain, record_id=record.id,
+            to=person.email, to_name=person.name, subject=content.subject or "(no subject)",
+            text=text, attachments=content.attachments, date=released_at,
+        )
+        delivery = enqueue(
+            s, content_store, kind="release", recipient=person.email, data=data,
+            message_id=mc.release_message_id(record.id, person.email, domain),
+            child_id=child.id, record_id=record.id, person_id=person.id,
+            dedupe_key=f"release:{record.id}:{person.email}",
+            summary={**summary, "recipient_name": person.name},
+        )
+        hashes[person.email] = delivery.sha256
+    return hashes
+
+
+def describe_draft_counts(redacted: int, phrases: int, dropped: int, note: bool) -> dict:
+    """What the audit says about a decision without repeating removed content."""
+    return {"paragraphs_removed": redacted, "phrases_removed": phrases,
+            "attachments_dropped": dropped, "note": note}
+
+
+def tags_of(person: Person) -> list[str]:
+    return list(json.loads(person.tags or "[]"))

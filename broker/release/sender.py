@@ -1,0 +1,175 @@
+"""Works the outbox: claims due copies, relays them, records what happened.
+
+A claim pushes next_attempt_at forward by a lease instead of holding a lock while
+talking to the relay, so a crash mid-send only delays the copy until the lease ends;
+it is then sent again with the same bytes and Message-ID. On PostgreSQL several
+senders claim disjoint rows with FOR UPDATE SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.audit.log import record_event
+from broker.db.models import Delivery, Person, Record
+from broker.db.models import utcnow as _utcnow
+from broker.mail.compose import bounce_address
+from broker.records import states
+from broker.records.transitions import transition
+from broker.release.relay import PermanentFailure, RelayClient, TemporaryFailure
+from broker.review import render
+from broker.review.notify import Notifier, guardians
+from broker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+LEASE = dt.timedelta(minutes=10)
+BROKER_ACTOR = "broker"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    recipient: str
+    content_ref: str
+    attempts: int
+    created_at: dt.datetime
+
+
+def utcnow() -> dt.datetime:
+    return _utcnow()
+
+
+class OutboxSender:
+    def __init__(self, rt: Runtime, batch: int = 50) -> None:
+        self.rt = rt
+        self.batch = batch
+        self.notifier = Notifier(rt.content, rt.settings.domain)
+
+    def claim(self) -> list[Claimed]:
+        now = utcnow()
+        with self.rt.db.session() as s:
+            rows = s.scalars(
+                select(Delivery)
+                .where(Delivery.state == "queued", Delivery.next_attempt_at <= now)
+                .order_by(Delivery.id)
+                .limit(self.batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            claimed = []
+            for row in rows:
+                row.next_attempt_at = now + LEASE
+                row.attempts += 1
+                claimed.append(
+                    Claimed(row.id, row.recipient, row.content_ref, row.attempts, row.created_at)
+                )
+        return claimed
+
+    def run_once(self) -> int:
+        """Sends what is due; returns how many copies were handled."""
+        claimed = self.claim()
+        if not claimed:
+            return 0
+        domain = self.rt.settings.domain
+        with RelayClient(self.rt.settings.relay, local_hostname=domain) as relay:
+            for item in claimed:
+                try:
+                    data = self.rt.content.get(item.content_ref)
+                    relay.send(bounce_address(item.id, domain), item.recipient, data)
+                except TemporaryFailure as exc:
+                    self._temporary(item, str(exc))
+                except PermanentFailure as exc:
+                    self._permanent(item, str(exc))
+                else:
+                    self._sent(item)
+        return len(claimed)
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def _sent(self, item: Claimed) -> None:
+        with self.rt.db.session() as s:
+            row = s.get(Delivery, item.id)
+            assert row is not None
+            if row.state == "sent":
+                return
+            row.state = "sent"
+            row.sent_at = utcnow()
+            row.last_error = ""
+            if row.kind == "release" and row.record_id is not None:
+                record = s.get(Record, row.record_id)
+                assert record is not None
+                summary = json.loads(row.summary or "{}")
+                record_event(
+                    s, action="delivered", actor=BROKER_ACTOR, actor_role="broker",
+                    child=record.child.slug, record_id=record.id, recipients=[row.recipient],
+                    description={"record": record.id, "delivery": row.id,
+                                 "message_id": row.message_id, "sha256": row.sha256, **summary},
+                )
+                self._settle(s, record)
+        log.info("delivery %s sent", item.id)
+
+    def _temporary(self, item: Claimed, error: str) -> None:
+        schedule = self.rt.settings.retry_schedule
+        delay = schedule[min(item.attempts - 1, len(schedule) - 1)]
+        now = utcnow()
+        give_up = (now - item.created_at).total_seconds() >= self.rt.settings.give_up_after
+        if give_up:
+            self._permanent(item, f"gave up after {item.attempts} attempts: {error}")
+            return
+        with self.rt.db.session() as s:
+            row = s.get(Delivery, item.id)
+            assert row is not None
+            row.next_attempt_at = now + dt.timedelta(seconds=delay)
+            row.last_error = error[:500]
+        log.warning("delivery %s: temporary failure, retry in %ss", item.id, int(delay))
+
+    def _permanent(self, item: Claimed, error: str) -> None:
+        with self.rt.db.session() as s:
+            row = s.get(Delivery, item.id)
+            assert row is not None
+            row.state = "failed"
+            row.last_error = error[:500]
+            if row.kind == "release" and row.record_id is not None:
+                record = s.get(Record, row.record_id)
+                assert record is not None
+                record_event(
+                    s, action="delivery_failed", actor=BROKER_ACTOR, actor_role="broker",
+                    child=record.child.slug, record_id=record.id, recipients=[row.recipient],
+                    description={"record": record.id, "delivery": row.id, "error": error[:300]},
+                )
+                person = s.get(Person, row.person_id) if row.person_id else None
+                for g in guardians(s, record.child):
+                    self.notifier.notice(
+                        s, record.child, g, "release_failed",
+                        render.render_release_failed(
+                            child_name=record.child.name, record_id=record.id,
+                            subject=record.subject,
+                            recipient=render.Person(person.name if person else "",
+                                                    row.recipient),
+                            reason=error[:300], failed_at=utcnow(),
+                        ),
+                        subject=record.subject, record=record,
+                    )
+                self._settle(s, record)
+        log.warning("delivery %s failed permanently", item.id)
+
+    def _settle(self, s: Session, record: Record) -> None:
+        """releasing -> released once every copy is sent; -> release_failed if any failed."""
+        if record.state != states.RELEASING:
+            return
+        copies = s.scalars(
+            select(Delivery.state).where(Delivery.record_id == record.id,
+                                         Delivery.kind == "release")
+        ).all()
+        if any(c == "queued" for c in copies):
+            return
+        failed = [c for c in copies if c == "failed"]
+        new_state = states.RELEASE_FAILED if failed else states.RELEASED
+        transition(s, record, new_state, actor=BROKER_ACTOR, actor_role="broker",
+                   description={"copies": len(copies), "failed": len(failed)})

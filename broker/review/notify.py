@@ -1,0 +1,165 @@
+"""Queueing the broker's own mail to guardians and senders: render, compose, enqueue.
+
+Every function here runs inside the caller's transaction, so a notice is queued if
+and only if the change it reports commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.content.store import ContentStore
+from broker.db.models import Child, Person, Record, utcnow
+from broker.mail import compose as mc
+from broker.mail.document import Document, ReleaseContent
+from broker.release.outbox import enqueue
+from broker.review import render
+
+
+def guardians(s: Session, child: Child) -> list[Person]:
+    return list(
+        s.scalars(
+            select(Person).where(
+                Person.child_id == child.id, Person.role == "guardian", Person.active.is_(True)
+            ).order_by(Person.id)
+        )
+    )
+
+
+def as_shown(people: Sequence[Person]) -> tuple[render.Person, ...]:
+    out = []
+    for p in people:
+        tags = json.loads(p.tags or "[]")
+        role = p.role + (f" ({', '.join(tags)})" if tags else "")
+        out.append(render.Person(name=p.name, email=p.email, role=role))
+    return tuple(out)
+
+
+class Notifier:
+    """Binds the content store and domain so call sites stay short."""
+
+    def __init__(self, content: ContentStore, domain: str) -> None:
+        self.content = content
+        self.domain = domain
+
+    def review_request(
+        self,
+        s: Session,
+        record: Record,
+        doc: Document,
+        token: str,
+        recipients: Sequence[Person],
+        sender: Person,
+    ) -> list[str]:
+        child = record.child
+        subject = render.notice_subject("review", child_name=child.name, subject=doc.subject,
+                                        record_id=record.id)
+        sent = []
+        for seq, guardian in enumerate(guardians(s, child)):
+            text = render.render_review_request(
+                render.ReviewContext(
+                    record_id=record.id,
+                    child_name=child.name,
+                    document=doc,
+                    recipients=as_shown(recipients),
+                    reasons=tuple(json.loads(record.hold_reasons)),
+                    received_at=record.received_at,
+                    expires_at=record.expires_at or utcnow(),
+                    sender_role=as_shown([sender])[0].role,
+                    guardian_name=guardian.name,
+                )
+            )
+            data = mc.compose_review_request(
+                child_name=child.name, slug=child.slug, domain=self.domain, token=token,
+                to=guardian.email, to_name=guardian.name, subject=subject, text=text, seq=seq,
+            )
+            self._queue(s, "review", guardian, data, record,
+                        message_id=mc.review_message_id(token, self.domain, seq))
+            sent.append(guardian.email)
+        return sent
+
+    def preview(
+        self,
+        s: Session,
+        record: Record,
+        content: ReleaseContent,
+        token: str,
+        recipients: Sequence[Person],
+        guardian: Person,
+        also_approved: bool,
+    ) -> None:
+        child = record.child
+        text = render.render_preview(
+            render.PreviewContext(
+                record_id=record.id,
+                child_name=child.name,
+                content=content,
+                recipients=as_shown(recipients),
+                expires_at=record.expires_at or utcnow(),
+                also_approved=also_approved,
+                guardian_name=guardian.name,
+            )
+        )
+        subject = render.notice_subject("preview", child_name=child.name,
+                                        subject=record.subject, record_id=record.id)
+        data = mc.compose_review_request(
+            child_name=child.name, slug=child.slug, domain=self.domain, token=token,
+            to=guardian.email, to_name=guardian.name, subject=subject, text=text,
+            seq=record.version,
+        )
+        self._queue(s, "preview", guardian, data, record,
+                    message_id=mc.review_message_id(token, self.domain, record.version))
+
+    def notice(
+        self,
+        s: Session,
+        child: Child,
+        to: Person | str,
+        kind: render.NoticeKind,
+        text: str,
+        *,
+        subject: str = "",
+        record: Record | None = None,
+        reply_to: str | None = None,
+        in_reply_to: str | None = None,
+        auto_submitted: str = "auto-generated",
+    ) -> None:
+        address = to.email if isinstance(to, Person) else to
+        name = to.name if isinstance(to, Person) else ""
+        message_id = mc.new_message_id(self.domain)
+        data = mc.compose_notice(
+            message_id=message_id,
+            child_name=child.name, slug=child.slug, domain=self.domain, to=address,
+            to_name=name,
+            subject=render.notice_subject(kind, child_name=child.name, subject=subject,
+                                          record_id=record.id if record else None),
+            text=text, reply_to=reply_to, in_reply_to=in_reply_to,
+            auto_submitted=auto_submitted,
+        )
+        person = to if isinstance(to, Person) else None
+        kind_col = "receipt" if kind == "receipt" else "notice"
+        self._queue(s, kind_col, person or address, data, record, child=child,
+                    message_id=message_id)
+
+    def _queue(
+        self,
+        s: Session,
+        kind: str,
+        to: Person | str,
+        data: bytes,
+        record: Record | None,
+        child: Child | None = None,
+        *,
+        message_id: str,
+    ) -> None:
+        person = to if isinstance(to, Person) else None
+        enqueue(
+            s, self.content, kind=kind, recipient=person.email if person else str(to), data=data,
+            message_id=message_id,
+            child_id=(record.child_id if record else child.id if child else None),
+            record_id=record.id if record else None, person_id=person.id if person else None,
+        )

@@ -1,0 +1,301 @@
+"""A guardian's reply: matched by token, checked (who, which token, authenticated),
+read into commands, and turned into a decision. Runs inside the pipeline's
+transaction for the inbound message.
+
+Every outcome is audited. Nothing here releases unless a live token of the record,
+the From address of one of that child's guardians, reply authentication and an
+APPROVE that parsed cleanly all agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from email.message import EmailMessage
+from email.utils import parseaddr
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.audit.log import record_event
+from broker.content.codec import (
+    document_from_bytes,
+    draft_from_bytes,
+    draft_to_bytes,
+)
+from broker.db.models import Inbound, Person, Record, Token, utcnow
+from broker.mail import compose as mc
+from broker.mail.autoreply import classify_automatic
+from broker.mail.document import Document, Draft
+from broker.mail.reply import extract_reply_from_message
+from broker.policy.recipients import default_recipients
+from broker.records import states
+from broker.records.transitions import transition
+from broker.redact.text import apply_draft
+from broker.release.builder import queue_release
+from broker.review import render, tokens
+from broker.review.authenticate import authenticate_reply
+from broker.review.commands import parse_commands
+from broker.review.decisions import (
+    Invalid,
+    Preview,
+    Refuse,
+    Release,
+    ShowHelp,
+    Team,
+    TeamMember,
+    apply_commands,
+)
+from broker.review.notify import Notifier, as_shown, guardians
+from broker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def handle_reply(
+    s: Session,
+    rt: Runtime,
+    notifier: Notifier,
+    inbound: Inbound,
+    msg: EmailMessage,
+    mail_from: str,
+    candidate_tokens: list[str],
+) -> None:
+    from_addr = parseaddr(str(msg.get("From", "")))[1].strip().lower()
+    subject = " ".join(str(msg.get("Subject", "")).split())
+
+    def audit(action: str, record: Record | None, **desc: object) -> None:
+        record_event(
+            s, action=action, actor=from_addr or "<>", actor_role=role, child=(
+                record.child.slug if record else ""),
+            record_id=record.id if record else None,
+            description={"inbound": inbound.id, "subject": subject, **desc},
+        )
+
+    role = "unknown"
+    automatic = classify_automatic(msg, mail_from)
+    found = [(c, t) for c in candidate_tokens if (t := tokens.find(s, c)) is not None]
+    rows = [t for _, t in found]
+    records = {t.record_id for t in rows}
+    record = s.get(Record, rows[0].record_id) if len(records) == 1 else None
+
+    if automatic:
+        inbound.outcome = f"automatic reply ignored: {automatic}"
+        audit("reply_ignored", record, reason=f"automatic: {automatic}")
+        return
+    if len(records) > 1:
+        inbound.outcome = "refused: tokens of different records"
+        audit("reply_refused", None, reason="tokens of different records in one reply")
+        return
+    if record is None:
+        inbound.outcome = "refused: no known token"
+        audit("reply_refused", None, reason="unknown_token")
+        _tell_stranger_guardian(s, notifier, from_addr, subject)
+        return
+    inbound.child_id = record.child_id
+    inbound.record_id = record.id
+    token_text, token = found[0]
+    child = record.child
+
+    guardian = s.scalar(
+        select(Person).where(Person.child_id == child.id, Person.email == from_addr,
+                             Person.role == "guardian", Person.active.is_(True))
+    )
+    if guardian is None:
+        inbound.outcome = "refused: not a guardian of this child"
+        audit("reply_refused", record, reason="not_guardian", sender=from_addr)
+        for g in guardians(s, child):
+            notifier.notice(s, child, g, "refused", render.render_refused(
+                child_name=child.name, record_id=record.id, reason="not_guardian",
+                from_addr=from_addr or "(no address)", subject=subject,
+                received_at=inbound.received_at), subject=record.subject, record=record)
+        return
+    role = "guardian"
+
+    stale = _stale(token, record)
+    if stale:
+        inbound.outcome = f"refused: token {stale}"
+        audit("reply_refused", record, reason=stale)
+        notifier.notice(s, child, guardian, "refused", render.render_refused(
+            child_name=child.name, record_id=record.id, reason=stale, from_addr=from_addr,
+            subject=subject, received_at=inbound.received_at), subject=record.subject,
+            record=record)
+        return
+
+    auth = authenticate_reply(msg, guardian, rt.settings)
+    if not auth.ok:
+        inbound.outcome = f"refused: authentication failed ({auth.detail})"
+        audit("reply_refused", record, reason="auth_failed", method=auth.method,
+              detail=auth.detail)
+        for g in guardians(s, child):
+            notifier.notice(s, child, g, "refused", render.render_refused(
+                child_name=child.name, record_id=record.id, reason="auth_failed",
+                from_addr=from_addr, subject=subject, received_at=inbound.received_at,
+                detail=auth.detail), subject=record.subject, record=record)
+        return
+
+    reply = extract_reply_from_message(msg)
+    parsed = parse_commands(reply.text)
+    # Help and "not understood" answers keep the same live token, so the guardian can
+    # simply answer them with the commands.
+    review_to = mc.review_address(token_text, rt.settings.domain)
+    if parsed.problems:
+        inbound.outcome = "not understood; nothing changed"
+        audit("reply_not_understood", record, problems=list(parsed.problems),
+              auth=auth.method)
+        notifier.notice(s, child, guardian, "not_understood", render.render_not_understood(
+            child_name=child.name, record_id=record.id, problems=tuple(parsed.problems)),
+            subject=record.subject, record=record, reply_to=review_to)
+        return
+
+    doc = document_from_bytes(rt.content.get(record.doc_ref or ""))
+    draft = draft_from_bytes(rt.content.get(record.draft_ref)) if record.draft_ref else Draft()
+    team_people = s.scalars(select(Person).where(Person.child_id == child.id,
+                                                 Person.active.is_(True))).all()
+    team = Team(members=tuple(
+        TeamMember(email=p.email, name=p.name, role=p.role,
+                   tags=tuple(json.loads(p.tags or "[]")))
+        for p in team_people if p.role in ("provider", "school")
+    ))
+    decision = apply_commands(doc, draft, parsed.commands, team)
+
+    if isinstance(decision, ShowHelp):
+        inbound.outcome = "help sent"
+        audit("help_sent", record, auth=auth.method)
+        notifier.notice(s, child, guardian, "help",
+                        render.render_help(child_name=child.name, record_id=record.id),
+                        subject=record.subject, record=record, reply_to=review_to)
+    elif isinstance(decision, Invalid):
+        inbound.outcome = "not understood; nothing changed"
+        audit("reply_not_understood", record, problems=list(decision.problems),
+              auth=auth.method)
+        notifier.notice(s, child, guardian, "not_understood", render.render_not_understood(
+            child_name=child.name, record_id=record.id, problems=tuple(decision.problems)),
+            subject=record.subject, record=record, reply_to=review_to)
+    elif isinstance(decision, Refuse):
+        _deny(s, notifier, record, guardian, auth.method)
+        inbound.outcome = "denied"
+    elif isinstance(decision, Preview):
+        _preview(s, rt, notifier, record, doc, decision, guardian, team_people, auth.method)
+        inbound.outcome = f"preview v{record.version} sent"
+    elif isinstance(decision, Release):
+        outcome = _release(s, rt, notifier, record, doc, decision.draft, guardian,
+                           team_people, token, auth.method)
+        inbound.outcome = outcome
+    else:  # pragma: no cover - apply_commands returns only the types above
+        raise TypeError(f"unexpected decision {decision!r}")
+
+
+def _stale(token: Token, record: Record) -> str | None:
+    if token.status == "used":
+        return "used"
+    if token.status == "superseded":
+        return "superseded"
+    if token.status != "live" or token.expires_at <= utcnow():
+        return "expired"
+    if record.state not in states.OPEN:
+        return "used"
+    return None
+
+
+def _tell_stranger_guardian(s: Session, notifier: Notifier, from_addr: str, subject: str) -> None:
+    """Only a registered guardian is ever answered about an unknown token."""
+    if not from_addr:
+        return
+    person = s.scalar(select(Person).where(Person.email == from_addr, Person.role == "guardian",
+                                           Person.active.is_(True)).limit(1))
+    if person is None:
+        return
+    notifier.notice(s, person.child, person, "refused", render.render_refused(
+        child_name=person.child.name, record_id=None, reason="unknown_token",
+        from_addr=from_addr, subject=subject, received_at=utcnow()), subject=subject)
+
+
+def _recipients(record: Record, draft: Draft, team_people: list[Person]) -> list[Person]:
+    members = [p for p in team_people if p.role in ("provider", "school")]
+    if draft.recipients is not None:
+        wanted = {e.lower() for e in draft.recipients}
+        return [p for p in members if p.email in wanted]
+    sender_role = next((p.role for p in team_people if p.id == record.sender_id), "")
+    chosen = default_recipients(sender_role, members)
+    return [p for p in chosen if p.email != record.sender_email]
+
+
+def _counts(draft: Draft) -> dict:
+    return {"paragraphs_removed": sorted(draft.redact_ids), "phrases_removed": len(draft.phrases),
+            "attachments_dropped": sorted(draft.dropped),
+            "recipients": None if draft.recipients is None else list(draft.recipients),
+            "note": bool(draft.note)}
+
+
+def _deny(s: Session, notifier: Notifier, record: Record, guardian: Person, auth: str) -> None:
+    tokens.close_all(s, record, "used")
+    record.decided_at = utcnow()
+    record.decided_by = guardian.email
+    transition(s, record, states.DENIED, actor=guardian.email, actor_role="guardian",
+               description={"auth": auth})
+    for g in guardians(s, record.child):
+        notifier.notice(s, record.child, g, "decided_denied", render.render_decided(
+            child_name=record.child.name, record_id=record.id, subject=record.subject,
+            decision="denied", decided_by=guardian.name or guardian.email,
+            decided_at=record.decided_at), subject=record.subject, record=record)
+
+
+def _preview(
+    s: Session, rt: Runtime, notifier: Notifier, record: Record, doc: Document,
+    decision: Preview, guardian: Person, team_people: list[Person], auth: str,
+) -> None:
+    content = apply_draft(doc, decision.draft)
+    recipients = _recipients(record, decision.draft, team_people)
+    record.draft_ref = rt.content.put(draft_to_bytes(decision.draft))
+    record.version += 1
+    token = tokens.issue(s, record, record.expires_at or utcnow())
+    notifier.preview(s, record, content, token, recipients, guardian, decision.also_approved)
+    transition(s, record, states.AWAITING_REVIEW, actor=guardian.email, actor_role="guardian",
+               action="preview", recipients=[guardian.email],
+               description={"version": record.version, "changes": list(decision.summary),
+                            **_counts(decision.draft), "auth": auth})
+
+
+def _release(
+    s: Session, rt: Runtime, notifier: Notifier, record: Record, doc: Document, draft: Draft,
+    guardian: Person, team_people: list[Person], token: Token, auth: str,
+) -> str:
+    if token.version != record.version:
+        # Approving an older version than the newest preview would release something the
+        # parent has since changed; the token check above makes this unreachable.
+        raise AssertionError("approval of a superseded version")
+    recipients = _recipients(record, draft, team_people)
+    if not recipients:
+        notifier.notice(s, record.child, guardian, "not_understood",
+                        render.render_not_understood(
+                            child_name=record.child.name, record_id=record.id,
+                            problems=("There is nobody to release this to. Reply with "
+                                      "TO and the team members who should get it.",)),
+                        subject=record.subject, record=record)
+        record_event(s, action="reply_not_understood", actor=guardian.email,
+                     actor_role="guardian", child=record.child.slug, record_id=record.id,
+                     description={"problems": ["no recipients"]})
+        return "not released: no recipients"
+    content = apply_draft(doc, draft)
+    tokens.close_all(s, record, "used")
+    record.decided_at = utcnow()
+    record.decided_by = guardian.email
+    emails = [p.email for p in recipients]
+    transition(s, record, states.APPROVED, actor=guardian.email, actor_role="guardian",
+               recipients=emails,
+               description={"version": record.version, **_counts(draft), "auth": auth,
+                            "consent": "explicit approval by the guardian"})
+    hashes = queue_release(s, rt.content, rt.settings.domain, record, content, recipients,
+                           guardian)
+    transition(s, record, states.RELEASING, actor="broker", actor_role="broker",
+               recipients=emails,
+               description={"copies": hashes, "subject": content.subject,
+                            "attachments": [a.filename for a in content.attachments]})
+    for g in guardians(s, record.child):
+        notifier.notice(s, record.child, g, "decided_released", render.render_decided(
+            child_name=record.child.name, record_id=record.id, subject=record.subject,
+            decision="released", decided_by=guardian.name or guardian.email,
+            decided_at=record.decided_at, recipients=as_shown(recipients)),
+            subject=record.subject, record=record)
+    return f"approved; {len(recipients)} copies queued"

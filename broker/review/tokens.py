@@ -1,0 +1,50 @@
+"""Review tokens: 160 random bits in lower-case base32 (survives MTAs that lower-case
+local parts), stored only as SHA-256, bound to one record and one draft version.
+
+A record has at most one live token: issuing a new one (a preview) supersedes the
+old; a decision or an expiry kills it. A token is proof of having seen the request,
+not proof of identity: the From address and authentication are checked separately.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import secrets
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from broker.db.models import Record, Token, utcnow
+
+TOKEN_BYTES = 20
+
+
+def new_token() -> str:
+    return base64.b32encode(secrets.token_bytes(TOKEN_BYTES)).decode("ascii").lower()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.strip().lower().encode("ascii", "replace")).hexdigest()
+
+
+def issue(s: Session, record: Record, expires_at: dt.datetime) -> str:
+    close_all(s, record, "superseded")
+    token = new_token()
+    s.add(Token(record_id=record.id, token_hash=token_hash(token), version=record.version,
+                status="live", expires_at=expires_at))
+    s.flush()
+    return token
+
+
+def close_all(s: Session, record: Record, status: str) -> None:
+    s.execute(
+        update(Token)
+        .where(Token.record_id == record.id, Token.status == "live")
+        .values(status=status, closed_at=utcnow())
+    )
+
+
+def find(s: Session, token: str) -> Token | None:
+    return s.scalar(select(Token).where(Token.token_hash == token_hash(token)))

@@ -1,0 +1,125 @@
+"""`broker serve`: the SMTP intake, the pipeline worker, the outbox sender and the
+expiry timer, wired together in one process.
+
+The SMTP server only spools; each worker is a plain thread with its own loop, woken
+early by an event when there is new work and otherwise polling, so nothing is
+lost if a wake-up is missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from broker.config import Settings
+from broker.db.models import Child
+from broker.intake.pipeline import Pipeline
+from broker.intake.smtp import IntakeHandler, IntakeServer, address_acceptor
+from broker.records.expiry import expire_due
+from broker.release.sender import OutboxSender
+from broker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class SlugCache:
+    """Child slugs for the RCPT check, refreshed at most every `ttl` seconds."""
+
+    def __init__(self, rt: Runtime, ttl: float = 2.0) -> None:
+        self.rt = rt
+        self.ttl = ttl
+        self._slugs: set[str] = set()
+        self._at = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> set[str]:
+        with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                try:
+                    with self.rt.db.session() as s:
+                        self._slugs = set(s.scalars(select(Child.slug)).all())
+                    self._at = time.monotonic()
+                except OperationalError:
+                    log.warning("database unavailable; using the last known children")
+            return self._slugs
+
+
+class Worker(threading.Thread):
+    """Runs `step` until stopped; `step` returns how much it did (0 = idle)."""
+
+    def __init__(self, name: str, step: Callable[[], int], stop: threading.Event,
+                 idle: float, wake: threading.Event | None = None,
+                 after: Callable[[], None] | None = None) -> None:
+        super().__init__(name=name, daemon=True)
+        self.step = step
+        self.stop_event = stop
+        self.idle = idle
+        self.wake = wake or threading.Event()
+        self.after = after
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                did = self.step()
+            except Exception:
+                log.exception("%s: step failed; retrying shortly", self.name)
+                did = 0
+                self.stop_event.wait(1.0)
+            if did and self.after:
+                self.after()
+            if not did:
+                self.wake.wait(self.idle)
+                self.wake.clear()
+
+
+class Service:
+    def __init__(self, settings: Settings, poll: float = 1.0) -> None:
+        self.rt = Runtime.open(settings)
+        self.stop_event = threading.Event()
+        self.pipeline_wake = threading.Event()
+        self.sender_wake = threading.Event()
+        self.pipeline = Pipeline(self.rt)
+        self.sender = OutboxSender(self.rt)
+        handler = IntakeHandler(
+            self.rt.spool,
+            address_acceptor(settings.domain, SlugCache(self.rt)),
+            on_stored=lambda _id: self.pipeline_wake.set(),
+        )
+        self.server = IntakeServer(
+            handler, settings.listen_host, settings.listen_port, hostname=settings.domain,
+            data_size_limit=settings.max_message_size,
+        )
+        self.workers = [
+            Worker("pipeline", self.pipeline.run_once, self.stop_event, poll,
+                   wake=self.pipeline_wake, after=self.sender_wake.set),
+            Worker("outbox", self.sender.run_once, self.stop_event, poll,
+                   wake=self.sender_wake),
+            Worker("expiry", lambda: expire_due(self.rt), self.stop_event,
+                   settings.expiry_interval, after=self.sender_wake.set),
+        ]
+
+    def start(self) -> None:
+        self.rt.spool.cleanup_partial()
+        self.server.start()
+        for w in self.workers:
+            w.start()
+        log.info("listening on %s:%s for %s", self.server.host, self.server.port,
+                 self.rt.settings.domain)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.stop_event.set()
+        for w in self.workers:
+            w.wake.set()
+        for w in self.workers:
+            w.join(timeout=30)
+        self.rt.close()
+
+    @property
+    def port(self) -> int:
+        return self.server.port

@@ -1,0 +1,120 @@
+"""The team file (TOML), read and checked without touching the database.
+
+The format is a user-facing contract documented in the README; errors name the
+entry and the field so the operator can fix the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from dataclasses import dataclass
+from email.utils import parseaddr
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+TAG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
+ROLES = ("provider", "school")
+RESERVED_SLUGS = frozenset({"review", "bounces", "postmaster", "abuse", "mailer-daemon"})
+
+
+class TeamFileError(Exception):
+    """The team file is wrong; the message says where."""
+
+
+@dataclass(frozen=True)
+class PersonSpec:
+    name: str
+    email: str
+    role: str  # guardian | provider | school
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TeamSpec:
+    slug: str
+    name: str
+    birthdate: dt.date | None
+    jurisdiction: str | None
+    guardians: tuple[PersonSpec, ...]
+    members: tuple[PersonSpec, ...]
+
+    @property
+    def people(self) -> tuple[PersonSpec, ...]:
+        return self.guardians + self.members
+
+
+def _email(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise TeamFileError(f"{where}: email is required")
+    _, addr = parseaddr(value)
+    addr = addr.strip().lower()
+    local, at, domain = addr.rpartition("@")
+    if not at or not local or "." not in domain or addr != value.strip().lower():
+        raise TeamFileError(f"{where}: {value!r} is not a plain e-mail address")
+    return addr
+
+
+def _str(entry: dict, key: str, where: str, required: bool = True) -> str | None:
+    value = entry.get(key)
+    if value is None:
+        if required:
+            raise TeamFileError(f"{where}: `{key}` is required")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise TeamFileError(f"{where}: `{key}` must be a non-empty string")
+    return value.strip()
+
+
+def parse_team(text: str, source: str = "team file") -> TeamSpec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TeamFileError(f"{source}: {exc}") from exc
+    child = raw.get("child")
+    if not isinstance(child, dict):
+        raise TeamFileError(f"{source}: a [child] table is required")
+    slug = _str(child, "slug", f"{source} [child]") or ""
+    if not SLUG.match(slug) or slug in RESERVED_SLUGS:
+        raise TeamFileError(
+            f"{source} [child]: slug {slug!r} must be lower-case letters, digits, '.', '_' or "
+            f"'-' and not one of {', '.join(sorted(RESERVED_SLUGS))}"
+        )
+    name = _str(child, "name", f"{source} [child]") or ""
+    birthdate = child.get("birthdate")
+    if birthdate is not None and not isinstance(birthdate, dt.date):
+        try:
+            birthdate = dt.date.fromisoformat(str(birthdate))
+        except ValueError as exc:
+            raise TeamFileError(f"{source} [child]: birthdate must be YYYY-MM-DD") from exc
+    jurisdiction = _str(child, "jurisdiction", f"{source} [child]", required=False)
+
+    guardians: list[PersonSpec] = []
+    for i, g in enumerate(raw.get("guardians", []), start=1):
+        where = f"{source} [[guardians]] #{i}"
+        guardians.append(
+            PersonSpec(_str(g, "name", where) or "", _email(g.get("email"), where), "guardian")
+        )
+    if not guardians:
+        raise TeamFileError(f"{source}: at least one [[guardians]] entry is required")
+
+    members: list[PersonSpec] = []
+    for i, m in enumerate(raw.get("members", []), start=1):
+        where = f"{source} [[members]] #{i}"
+        role = _str(m, "role", where) or ""
+        if role not in ROLES:
+            raise TeamFileError(f"{where}: role must be provider or school, got {role!r}")
+        tags = m.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) and TAG.match(t) for t in tags):
+            raise TeamFileError(f"{where}: tags must be a list of lower-case words")
+        members.append(
+            PersonSpec(_str(m, "name", where) or "", _email(m.get("email"), where), role,
+                       tuple(dict.fromkeys(tags)))
+        )
+
+    seen: dict[str, str] = {}
+    for p in guardians + members:
+        if p.email in seen:
+            raise TeamFileError(f"{source}: {p.email} appears twice ({seen[p.email]} and {p.role})")
+        seen[p.email] = p.role
+    return TeamSpec(slug, name, birthdate, jurisdiction, tuple(guardians), tuple(members))

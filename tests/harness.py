@@ -1,0 +1,220 @@
+"""A running broker for end-to-end stories: real SMTP on 127.0.0.1 in both directions.
+
+`World` starts the broker (intake, pipeline, outbox, expiry) on a free port and an
+aiosmtpd server playing the relay and the outside world, which keeps every message
+it is handed. Tests speak SMTP to the broker and read what the outside received.
+"""
+
+from __future__ import annotations
+
+import email
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+from broker import config
+from broker.db.engine import Database
+from broker.service import Service
+from broker.team.apply import apply_team
+from broker.team.spec import parse_team
+
+DOMAIN = "records.example"
+
+TEAM = """
+[child]
+slug = "sam"
+name = "Sam Rivera"
+birthdate = "2014-03-02"
+jurisdiction = "us-il"
+
+[[guardians]]
+name = "Dana Rivera"
+email = "dana@home.example"
+
+[[members]]
+name = "Dr. Lee"
+email = "lee@clinic.example"
+role = "provider"
+tags = ["therapy"]
+
+[[members]]
+name = "Ms Park"
+email = "park@school.example"
+role = "school"
+tags = ["teacher"]
+
+[[members]]
+name = "Mr Ortiz"
+email = "ortiz@school.example"
+role = "school"
+tags = ["ot"]
+"""
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def msg(self) -> EmailMessage:
+        m = email.message_from_bytes(self.data, policy=policy.default)
+        assert isinstance(m, EmailMessage)
+        return m
+
+    def text(self) -> str:
+        body = self.msg.get_body(preferencelist=("plain",))
+        return body.get_content() if body is not None else ""
+
+
+@dataclass
+class Sink:
+    """The relay: an aiosmtpd handler that keeps everything."""
+
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    refuse: Callable[[str], str | None] | None = None
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.refuse and (answer := self.refuse(address)):
+            return answer
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            for rcpt in envelope.rcpt_tos:
+                self.messages.append(Received(envelope.mail_from, [rcpt], envelope.content))
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class World:
+    def __init__(self, home: Path, db_url: str, team: str = TEAM, **settings: object) -> None:
+        self.home = home
+        self.sink = Sink()
+        self.relay_port = free_port()
+        self.relay = Controller(self.sink, hostname="127.0.0.1", port=self.relay_port)
+        home.mkdir(parents=True, exist_ok=True)
+        (home / config.CONFIG_NAME).write_text(
+            config.render_config(domain=DOMAIN, listen="127.0.0.1:0",
+                                 relay=f"127.0.0.1:{self.relay_port}")
+        )
+        base = config.load(home)
+        fields = {"database_url": db_url, "retry_schedule": (0.2, 0.5, 1.0),
+                  "expiry_interval": 0.2, **settings}
+        self.settings = config.Settings(**{**base.__dict__, **fields})
+        self.db = Database(db_url)
+        with self.db.session() as s:
+            apply_team(s, parse_team(team))
+        self.service: Service | None = None
+
+    def start(self) -> World:
+        self.relay.start()
+        self.start_broker()
+        return self
+
+    def start_broker(self) -> None:
+        self.service = Service(self.settings, poll=0.1)
+        self.service.start()
+
+    def stop_broker(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def stop(self) -> None:
+        self.stop_broker()
+        self.relay.stop()
+        self.db.dispose()
+
+    @property
+    def port(self) -> int:
+        assert self.service is not None
+        return self.service.port
+
+    # -- the outside world --------------------------------------------------------------
+
+    def send(self, data: bytes | EmailMessage, mail_from: str, rcpt: str | list[str]) -> None:
+        raw = data.as_bytes(policy=policy.SMTP) if isinstance(data, EmailMessage) else data
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as smtp:
+            smtp.sendmail(mail_from, [rcpt] if isinstance(rcpt, str) else rcpt, raw)
+
+    def wait_for(self, predicate: Callable[[Received], bool], timeout: float = 15.0,
+                 count: int = 1) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.sink.lock:
+                found = [m for m in self.sink.messages if predicate(m)]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        with self.sink.lock:
+            seen = [(m.rcpt_tos, m.msg.get("Subject")) for m in self.sink.messages]
+        raise AssertionError(f"timed out waiting for {count} message(s); relay has: {seen}")
+
+    def to(self, address: str, subject_part: str = "") -> list[Received]:
+        with self.sink.lock:
+            return [m for m in self.sink.messages if address in m.rcpt_tos
+                    and subject_part in str(m.msg.get("Subject", ""))]
+
+    def settle(self, seconds: float = 1.0) -> None:
+        """Let the workers run; used before asserting that something did NOT happen."""
+        time.sleep(seconds)
+
+
+def report(subject: str = "OT progress report", body: str | None = None,
+           sender: str = "lee@clinic.example", html: str | None = None,
+           attachments: tuple[tuple[str, str, bytes], ...] = ()) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Dr. Lee <{sender}>"
+    msg["To"] = f"sam@{DOMAIN}"
+    msg["Subject"] = subject
+    msg["Message-ID"] = email.utils.make_msgid(domain="clinic.example")
+    msg["Date"] = email.utils.formatdate()
+    msg.set_content(body if body is not None else (
+        "Sam worked on handwriting this month.\n\n"
+        "Sam mentioned family conflict at home during the session.\n\n"
+        "Recommend a slant board in class."
+    ))
+    if html is not None:
+        msg.add_alternative(html, subtype="html")
+    for name, ctype, data in attachments:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg
+
+
+def reply_to(review: Received, text: str, sender: str = "dana@home.example",
+             quote: bool = True, headers: dict[str, str] | None = None) -> EmailMessage:
+    """A guardian's reply as a mail client writes it: new text above a quote."""
+    original = review.msg
+    msg = EmailMessage()
+    msg["From"] = f"Dana Rivera <{sender}>"
+    msg["To"] = str(original["Reply-To"])
+    msg["Subject"] = "Re: " + str(original["Subject"])
+    msg["In-Reply-To"] = str(original["Message-ID"])
+    msg["References"] = str(original["Message-ID"])
+    msg["Message-ID"] = email.utils.make_msgid(domain="home.example")
+    for k, v in (headers or {}).items():
+        msg[k] = v
+    body = text + "\n"
+    if quote:
+        quoted = "\n".join("> " + line for line in review.text().splitlines())
+        body += f"\nOn Mon, 2 Mar 2026 at 10:00, Sam's records <sam@{DOMAIN}> wrote:\n{quoted}\n"
+    msg.set_content(body)
+    return msg
