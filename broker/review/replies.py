@@ -31,7 +31,7 @@ from broker.mail.reply import extract_reply_from_message
 from broker.policy.recipients import default_recipients
 from broker.records import states
 from broker.records.transitions import transition
-from broker.redact.text import apply_draft
+from broker.redact.text import RedactionError, apply_draft
 from broker.release.builder import queue_release
 from broker.review import render, tokens
 from broker.review.authenticate import authenticate_reply
@@ -175,13 +175,27 @@ def handle_reply(
     elif isinstance(decision, Refuse):
         _deny(s, notifier, record, guardian, auth.method)
         inbound.outcome = "denied"
-    elif isinstance(decision, Preview):
-        _preview(s, rt, notifier, record, doc, decision, guardian, team_people, auth.method)
-        inbound.outcome = f"preview v{record.version} sent"
-    elif isinstance(decision, Release):
-        outcome = _release(s, rt, notifier, record, doc, decision.draft, guardian,
-                           team_people, token, auth.method)
-        inbound.outcome = outcome
+    elif isinstance(decision, Preview | Release):
+        try:
+            if isinstance(decision, Preview):
+                _preview(s, rt, notifier, record, doc, decision, guardian, team_people,
+                         auth.method)
+                inbound.outcome = f"preview v{record.version} sent"
+            else:
+                inbound.outcome = _release(s, rt, notifier, record, doc, decision.draft,
+                                           guardian, team_people, token, auth.method)
+        except RedactionError:
+            # The redactor could not prove a phrase gone from what would be sent: refuse
+            # to preview or release rather than risk it. Nothing has changed yet.
+            problem = ("A phrase you asked to remove could not be removed safely from "
+                       "everything that would be sent. Nothing was changed: remove the "
+                       "paragraphs (REDACT 2) or leave the attachment out (DROP A1) instead.")
+            inbound.outcome = "not understood; redaction could not be verified"
+            audit("reply_not_understood", record, problems=["redaction not verifiable"],
+                  auth=auth.method)
+            notifier.notice(s, child, guardian, "not_understood", render.render_not_understood(
+                child_name=child.name, record_id=record.id, problems=(problem,)),
+                subject=record.subject, record=record, reply_to=review_to)
     else:  # pragma: no cover - apply_commands returns only the types above
         raise TypeError(f"unexpected decision {decision!r}")
 
