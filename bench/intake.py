@@ -125,9 +125,9 @@ class Result:
 class Target:
     """A server subprocess started from a command template and waited on until it greets."""
 
-    def __init__(self, name: str, template: str) -> None:
+    def __init__(self, name: str, template: str, tmpdir: str | None = None) -> None:
         self.name = name
-        self.home = tempfile.TemporaryDirectory(prefix=f"bench-{name}-")
+        self.home = tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=tmpdir)
         self.port = _free_port()
         cmd = template.format(python=shlex.quote(sys.executable), port=self.port,
                               home=shlex.quote(self.home.name))
@@ -169,6 +169,13 @@ class Target:
         self.home.cleanup()
 
 
+def _default_tmpdir() -> str:
+    """/var/tmp where it exists: disk-backed like a real spool (/tmp may be tmpfs, where fsync is
+    free, or, on some machines, a directory whose inode group is slow to allocate in after heavy
+    churn by other programs)."""
+    return "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=200, help="untimed messages per target")
     p.add_argument("--broker-cmd", default=DEFAULT_BROKER_CMD, help="command template for (b)")
     p.add_argument("--sink-cmd", default=DEFAULT_SINK_CMD, help=argparse.SUPPRESS)
+    p.add_argument("--tmpdir", default=_default_tmpdir(),
+                   help="where the targets' temporary homes (the spool) go (default: %(default)s)")
     p.add_argument("--also", action="append", default=[], metavar="NAME=CMD",
                    help="another target interleaved with the two (e.g. a variant to compare)")
     args = p.parse_args(argv)
 
     message = make_message(args.size)
     print(f"intake bench: {args.count} x {len(message)} B messages, {args.concurrency} sessions,"
+          f" spool under {args.tmpdir},"
           f" {args.rounds} rounds, {os.cpu_count()} CPUs")
     specs = [("sink", args.sink_cmd), ("broker", args.broker_cmd)]
     specs += [tuple(a.split("=", 1)) for a in args.also]  # type: ignore[misc]
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Result]] = {name: [] for name, _ in specs}
     try:
         for name, cmd in specs:
-            targets.append(Target(name, cmd))
+            targets.append(Target(name, cmd, args.tmpdir))
         for t in targets:
             t.run(message, args.warmup, args.concurrency)
         for r in range(args.rounds):

@@ -77,8 +77,19 @@ class Worker(threading.Thread):
                 self.wake.clear()
 
 
+ROLES = ("intake", "pipeline", "outbox", "expiry")
+
+
 class Service:
-    def __init__(self, settings: Settings, poll: float = 1.0) -> None:
+    """Runs the given roles (all by default). Running only `intake` gives a bare
+    spooling front; the other roles pick the spool up when they run."""
+
+    def __init__(self, settings: Settings, poll: float = 1.0,
+                 roles: tuple[str, ...] = ROLES) -> None:
+        unknown = set(roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
+        self.roles = roles
         self.rt = Runtime.open(settings)
         self.stop_event = threading.Event()
         self.pipeline_wake = threading.Event()
@@ -94,7 +105,7 @@ class Service:
             handler, settings.listen_host, settings.listen_port, hostname=settings.domain,
             data_size_limit=settings.max_message_size,
         )
-        self.workers = [
+        workers = [
             Worker("pipeline", self.pipeline.run_once, self.stop_event, poll,
                    wake=self.pipeline_wake, after=self.sender_wake.set),
             Worker("outbox", self.sender.run_once, self.stop_event, poll,
@@ -102,14 +113,16 @@ class Service:
             Worker("expiry", lambda: expire_due(self.rt), self.stop_event,
                    settings.expiry_interval, after=self.sender_wake.set),
         ]
+        self.workers = [w for w in workers if w.name in roles]
 
     def start(self) -> None:
         self.rt.spool.cleanup_partial()
-        self.server.start()
+        if "intake" in self.roles:
+            self.server.start()
         for w in self.workers:
             w.start()
-        log.info("listening on %s:%s for %s", self.server.host, self.server.port,
-                 self.rt.settings.domain)
+            log.info("listening on %s:%s for %s", self.server.host, self.server.port,
+                     self.rt.settings.domain)
 
     def stop(self) -> None:
         self.server.stop()

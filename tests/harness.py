@@ -19,14 +19,18 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
+from sqlalchemy import select
 
 from broker import config
 from broker.db.engine import Database
+from broker.db.models import AuditEvent, Record
 from broker.service import Service
 from broker.team.apply import apply_team
 from broker.team.spec import parse_team
 
 DOMAIN = "records.example"
+GUARDIAN = "dana@home.example"
+SCHOOL = ("park@school.example", "ortiz@school.example")
 
 TEAM = """
 [child]
@@ -175,6 +179,94 @@ class World:
     def settle(self, seconds: float = 1.0) -> None:
         """Let the workers run; used before asserting that something did NOT happen."""
         time.sleep(seconds)
+
+    # -- helpers for stories (additive) -----------------------------------------------------
+
+    def add_team(self, team: str) -> None:
+        """Register one more child's team in the same database."""
+        with self.db.session() as s:
+            apply_team(s, parse_team(team))
+
+    def all_to(self, addresses: tuple[str, ...] | list[str]) -> list[Received]:
+        """Everything the relay was handed for any of these addresses."""
+        wanted = {a.lower() for a in addresses}
+        with self.sink.lock:
+            return [m for m in self.sink.messages
+                    if any(r.lower() in wanted for r in m.rcpt_tos)]
+
+    def notice(self, subject_part: str, to: str = GUARDIAN, count: int = 1,
+               timeout: float = 15.0) -> Received:
+        """Wait for the count-th message to `to` whose Subject contains subject_part."""
+        found = self.wait_for(lambda m: to in m.rcpt_tos
+                              and subject_part in str(m.msg.get("Subject", "")),
+                              timeout=timeout, count=count)
+        return found[count - 1]
+
+    def review(self, to: str = GUARDIAN, count: int = 1) -> Received:
+        return self.notice("Review needed", to=to, count=count)
+
+    def records(self) -> list[Record]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Record).order_by(Record.id)))
+
+    def record(self, record_id: int | None = None) -> Record:
+        with self.db.session() as s:
+            if record_id is None:
+                return s.scalars(select(Record)).one()
+            record = s.get(Record, record_id)
+            assert record is not None, record_id
+            return record
+
+    def wait_state(self, state: str, record_id: int | None = None,
+                   timeout: float = 10.0) -> Record:
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.record(record_id)
+            if record.state == state or time.monotonic() >= deadline:
+                assert record.state == state, (record.id, record.state, state)
+                return record
+            time.sleep(0.05)
+
+    def audit(self, action: str | None = None, record_id: int | None = None) -> list[AuditEvent]:
+        with self.db.session() as s:
+            q = select(AuditEvent).order_by(AuditEvent.seq)
+            if action is not None:
+                q = q.where(AuditEvent.action == action)
+            if record_id is not None:
+                q = q.where(AuditEvent.record_id == record_id)
+            return list(s.scalars(q))
+
+    def wait_audit(self, action: str, count: int = 1, record_id: int | None = None,
+                   timeout: float = 10.0) -> list[AuditEvent]:
+        deadline = time.monotonic() + timeout
+        while True:
+            events = self.audit(action, record_id)
+            if len(events) >= count:
+                return events
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out waiting for {count} audit {action!r}; "
+                                     f"log has {[e.action for e in self.audit()]}")
+            time.sleep(0.05)
+
+
+def every_text(data: bytes) -> str:
+    """All a recipient could read out of a message: the raw bytes, every decoded header,
+    every part's decoded payload (QP/base64 undone) and every filename, joined."""
+    msg = email.message_from_bytes(data, policy=policy.default)
+    out = [data.decode("utf-8", "replace")]
+    for part in msg.walk():
+        for key, value in part.items():
+            out.append(f"{key}: {value}")
+        if part.get_filename():
+            out.append(part.get_filename())
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True) or b""
+        out.append(payload.decode("utf-8", "replace"))
+        charset = part.get_content_charset()
+        if charset and charset.lower() not in ("utf-8", "us-ascii"):
+            out.append(payload.decode(charset, "replace"))
+    return "\n".join(out)
 
 
 def report(subject: str = "OT progress report", body: str | None = None,
