@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from broker.db.engine import Database
 from broker.db.migrate import upgrade
@@ -39,6 +39,26 @@ def _pg_unavailable() -> str | None:
     return _pg_state["reason"]
 
 
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A database of this test run's own on the PostgreSQL server, dropped at the end,
+    so concurrent runs on one server never see each other's tables."""
+    reason = _pg_unavailable()
+    if reason:
+        pytest.skip(reason)
+    base = make_url(PG_URL)
+    name = f"broker_test_{os.getpid()}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def reset_postgres(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -53,10 +73,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'broker.db'}"
     else:
-        reason = _pg_unavailable()
-        if reason:
-            pytest.skip(reason)
-        url = PG_URL
+        url = request.getfixturevalue("pg_url")
         reset_postgres(url)
     upgrade(url)
     yield url

@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZE_LIMIT = 25 * 1024 * 1024
 MAX_RECIPIENTS = 100
 DEFAULT_STORE_THREADS = 16
-import os
-DIRECT = bool(os.environ.get('DIRECT'))
 
 REPLY_NO_SUCH_RECIPIENT = "550 5.1.1 no such recipient here"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -89,7 +87,7 @@ class IntakeHandler:
         self.spool = spool
         self.accepts = accepts
         self.on_stored = on_stored
-        # Enough threads that concurrent sessions' fsyncs overlap (and share group commits).
+        # One thread per concurrent store: they only wait for the spool's batch writer.
         self._executor = ThreadPoolExecutor(
             max_workers=store_threads, thread_name_prefix="spool-store"
         )
@@ -124,13 +122,9 @@ class IntakeHandler:
         peer = _format_peer(session.peer)
         helo = session.host_name or ""
         loop = asyncio.get_running_loop()
-        if DIRECT:
-            env = Envelope.for_message(data, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=peer, helo=helo)
-            fut = asyncio.wrap_future(self.spool.submit(data, env))
-        else:
-          fut = loop.run_in_executor(
+        fut = loop.run_in_executor(
             self._executor, self._store, data, mail_from, rcpt_tos, peer, helo
-          )
+        )
         self._in_flight.add(fut)
         try:
             spool_id = await fut
@@ -338,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hostname", default=None, help="name in the SMTP greeting")
     p.add_argument("--size-limit", type=int, default=DEFAULT_SIZE_LIMIT)
     p.add_argument("--store-threads", type=int, default=DEFAULT_STORE_THREADS)
-    p.add_argument("--commit", choices=["batch", "group", "each"], default="batch",
+    p.add_argument("--commit", choices=["batch", "each"], default="batch",
                    help="how stores are flushed (see broker.intake.spool.Spool)")
     p.add_argument("--batch-window", type=float, default=0.0,
                    help="seconds the batch writer waits for more messages")

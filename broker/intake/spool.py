@@ -42,7 +42,7 @@ _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 PARTIAL_MAX_AGE = 60.0  # seconds; younger leftovers may belong to a store still running
 
-CommitMode = Literal["batch", "group", "each"]
+CommitMode = Literal["batch", "each"]
 
 
 def _load_syncfs() -> Any:
@@ -164,23 +164,24 @@ class _Job:
 class Spool:
     """Crash-safe store of raw messages between SMTP acceptance and the content store.
 
-    ``commit`` chooses how stores reach stable storage; all three give the same guarantee
-    (message and envelope durable, envelope atomically committed last, before ``store`` returns):
+    ``commit`` chooses how stores reach stable storage; both give the same guarantee (message
+    and envelope durable, envelope atomically committed last, before ``store`` returns):
 
-    - ``"batch"`` (default): one writer thread takes every store waiting at that moment, writes
-      their files, flushes them all at once (``syncfs``; per-file fsync where syncfs cannot report
-      errors), renames the envelopes into place and fsyncs the directory once. Two flushes per
-      batch instead of three per message: the cheapest in CPU, which is what SMTP intake is short
-      of (bench/intake.py).
-    - ``"group"``: each caller writes and fsyncs its own files; concurrent callers share one
-      directory fsync.
-    - ``"each"``: each caller does its own three fsyncs.
+    - ``"batch"`` (default, group commit): one writer thread takes every store waiting at that
+      moment, writes their files, flushes them all at once (``syncfs``; per-file fsync where
+      syncfs cannot report errors), renames the envelopes into place and fsyncs the directory
+      once. Two flushes per batch instead of three per message; fastest in bench/intake.py.
+    - ``"each"``: the calling thread does its own three fsyncs (file, envelope, directory).
+      Simplest; kept as the reference the batch writer is measured against.
+
+    (A third variant - per-caller file fsyncs with a shared directory fsync - measured slowest
+    of the three and was dropped.)
     """
 
     def __init__(
         self, root: Path, *, commit: CommitMode = "batch", batch_window: float = 0.0
     ) -> None:
-        if commit not in ("batch", "group", "each"):
+        if commit not in ("batch", "each"):
             raise ValueError(f"unknown commit mode {commit!r}")
         self.root = Path(root)
         self.commit = commit
@@ -192,12 +193,6 @@ class Spool:
         os.chmod(self.root, _DIR_MODE)
         if created:
             _fsync_dir(self.root.parent)
-        # Leader/follower state for the shared directory fsync ("group").
-        self._cond = threading.Condition()
-        self._renamed = 0  # sequence number of the latest rename into the directory
-        self._synced = 0  # every rename with sequence <= this is durable
-        self._syncing = False
-        self._failed: tuple[int, int, OSError] | None = None  # (from_seq, to_seq, error)
         # Batch writer ("batch"), started on first use.
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -235,17 +230,11 @@ class Spool:
             self._write_file(self._path(spool_id, ".eml"), blob)
             self._write_file(self._path(spool_id, ".json.tmp"), meta)
             os.rename(self._path(spool_id, ".json.tmp"), self._path(spool_id, ".json"))
-            self._sync_dir_after_rename()
+            self._fsync_root()
         except BaseException:
             self._discard(spool_id)
             raise
         return spool_id
-
-    def submit(self, data: bytes, envelope: Envelope) -> Future[str]:
-        """EXPERIMENT"""
-        job = _Job(new_spool_id(), self._seal(data), envelope.to_json().encode("utf-8"))
-        self._submit(job)
-        return job.future
 
     def close(self) -> None:
         """Stop the batch writer after it finished what is queued. Idempotent."""
@@ -364,40 +353,6 @@ class Spool:
                 os.fsync(fd)
         finally:
             os.close(fd)
-
-    def _sync_dir_after_rename(self) -> None:
-        """Make the directory entries of a just-finished rename durable ("group"/"each")."""
-        if self.commit == "each":
-            self._fsync_root()
-            return
-        with self._cond:
-            self._renamed += 1
-            mine = self._renamed
-            while self._synced < mine:
-                failed = self._failed
-                if failed is not None and failed[0] <= mine <= failed[1]:
-                    raise failed[2]
-                if self._syncing:
-                    self._cond.wait()
-                    continue
-                # Become the leader: one fsync covers every rename numbered up to `upto`.
-                self._syncing = True
-                start = self._synced + 1
-                upto = self._renamed
-                self._cond.release()
-                err: OSError | None = None
-                try:
-                    self._fsync_root()
-                except OSError as exc:
-                    err = exc
-                finally:
-                    self._cond.acquire()
-                    self._syncing = False
-                    if err is None:
-                        self._synced = max(self._synced, upto)
-                    else:
-                        self._failed = (start, upto, err)
-                    self._cond.notify_all()
 
     def _fsync_root(self) -> None:
         """Flush the spool directory itself (new names and renames in it)."""
