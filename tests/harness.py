@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from broker import config
 from broker.db.engine import Database
@@ -206,25 +207,32 @@ class World:
         return self.notice("Review needed", to=to, count=count)
 
     def records(self) -> list[Record]:
+        """All records, oldest first, with their child loaded."""
         with self.db.session() as s:
-            return list(s.scalars(select(Record).order_by(Record.id)))
+            return list(s.scalars(select(Record).options(selectinload(Record.child))
+                                  .order_by(Record.id)))
 
     def record(self, record_id: int | None = None) -> Record:
-        with self.db.session() as s:
-            if record_id is None:
-                return s.scalars(select(Record)).one()
-            record = s.get(Record, record_id)
-            assert record is not None, record_id
-            return record
+        """One record (the only one when no id is given), with its child loaded."""
+        records = self.records()
+        if record_id is None:
+            assert len(records) == 1, [(r.id, r.state) for r in records]
+            return records[0]
+        found = [r for r in records if r.id == record_id]
+        assert found, record_id
+        return found[0]
 
     def wait_state(self, state: str, record_id: int | None = None,
                    timeout: float = 10.0) -> Record:
+        """Wait until the record (the only one when no id is given) exists in ``state``."""
         deadline = time.monotonic() + timeout
         while True:
-            record = self.record(record_id)
-            if record.state == state or time.monotonic() >= deadline:
-                assert record.state == state, (record.id, record.state, state)
-                return record
+            records = [r for r in self.records() if record_id in (None, r.id)]
+            if len(records) == 1 and records[0].state == state:
+                return records[0]
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out waiting for state {state!r}; records: "
+                                     f"{[(r.id, r.state) for r in records]}")
             time.sleep(0.05)
 
     def audit(self, action: str | None = None, record_id: int | None = None) -> list[AuditEvent]:

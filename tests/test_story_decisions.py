@@ -50,7 +50,7 @@ def _post(world: World, msg: EmailMessage | None = None) -> Received:
 
 def _section(text: str, start: str, end: str) -> str:
     """The lines of ``text`` between a line starting ``start`` and the next containing ``end``."""
-    head, sep, rest = text.partition(start)
+    _, sep, rest = text.partition(start)
     assert sep, f"{start!r} not in:\n{text}"
     return rest.split(end, 1)[0]
 

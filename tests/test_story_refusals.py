@@ -4,7 +4,6 @@ quarantined instead of held. In every one nothing reaches the school."""
 
 from __future__ import annotations
 
-import email
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -257,7 +256,6 @@ def test_reply_matched_only_by_references_from_a_stranger_is_not_a_decision(
     msg = reply_to(review, "APPROVE", sender="mallory@elsewhere.example")
     del msg["To"]
     msg["To"] = f"sam@{DOMAIN}"
-    msg["Message-ID"] = email.utils.make_msgid(domain="elsewhere.example")
     world.send(msg, "mallory@elsewhere.example", f"sam@{DOMAIN}")
     world.settle(1.5)
     assert _releases(world) == []
