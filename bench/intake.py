@@ -169,6 +169,23 @@ class Target:
         self.home.cleanup()
 
 
+def probe_create_cost(tmpdir: str, n: int = 100) -> float:
+    """CPU seconds to create and write one 10 KB file in ``tmpdir``.
+
+    The spool creates two files per message, the sink none, so a slow file system skews the
+    ratio. Seen on this project's CI VM: ext4 without a journal re-checks recently deleted
+    inodes on every create, so right after a mass deletion near ``tmpdir`` (for example a
+    previous run's cleanup) creates cost ~0.8 ms instead of ~0.03 ms for a few minutes.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-probe-", dir=tmpdir) as d:
+        t0 = time.process_time()
+        for i in range(n):
+            fd = os.open(os.path.join(d, str(i)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, b"x" * 10240)
+            os.close(fd)
+        return (time.process_time() - t0) / n
+
+
 def _default_tmpdir() -> str:
     """/var/tmp where it exists: disk-backed like a real spool (/tmp may be tmpfs, where fsync is
     free, or, on some machines, a directory whose inode group is slow to allocate in after heavy
@@ -202,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"intake bench: {args.count} x {len(message)} B messages, {args.concurrency} sessions,"
           f" spool under {args.tmpdir},"
           f" {args.rounds} rounds, {os.cpu_count()} CPUs")
+    create = probe_create_cost(args.tmpdir)
+    print(f"file create+write in {args.tmpdir}: {create * 1e6:.0f} us CPU"
+          + ("  (slow: broker figures are pessimistic, see probe_create_cost)"
+             if create > 200e-6 else ""))
     specs = [("sink", args.sink_cmd), ("broker", args.broker_cmd)]
     specs += [tuple(a.split("=", 1)) for a in args.also]  # type: ignore[misc]
     targets: list[Target] = []

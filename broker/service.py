@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class SlugCache:
-    """Child slugs for the RCPT check, refreshed at most every `ttl` seconds."""
+    """Child slugs for the RCPT check, refreshed at most every `ttl` seconds.
+
+    Called on the SMTP event loop: the refresh is one indexed query of a small table
+    every `ttl` seconds, a pause of about a millisecond, never per RCPT."""
 
     def __init__(self, rt: Runtime, ttl: float = 2.0) -> None:
         self.rt = rt
@@ -96,7 +99,7 @@ class Service:
         self.sender_wake = threading.Event()
         self.pipeline = Pipeline(self.rt)
         self.sender = OutboxSender(self.rt)
-        handler = IntakeHandler(
+        self.handler = handler = IntakeHandler(
             self.rt.spool,
             address_acceptor(settings.domain, SlugCache(self.rt)),
             on_stored=lambda _id: self.pipeline_wake.set(),
@@ -125,7 +128,10 @@ class Service:
                      self.rt.settings.domain)
 
     def stop(self) -> None:
+        # The intake first, so every 250 already given is on disk before workers stop.
         self.server.stop()
+        self.handler.close()
+        self.rt.spool.close()
         self.stop_event.set()
         for w in self.workers:
             w.wake.set()

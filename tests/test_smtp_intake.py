@@ -442,3 +442,19 @@ def test_message_survives_sigkill_right_after_250(tmp_path: Path) -> None:
     fresh = Spool(root)
     fresh.cleanup_partial()
     assert {e.id: fresh.read(e.id) for e in fresh.pending()} == acked
+
+
+def test_damaged_spool_message_is_set_aside(tmp_path: Path) -> None:
+    """A committed message whose bytes changed on disk leaves the queue for damaged/."""
+    spool = Spool(tmp_path / "spool")
+    data = b"From: a@b.example\r\nSubject: x\r\n\r\nbody\r\n"
+    sid = spool.store(data, Envelope.for_message(data, mail_from="a@b.example",
+                                                 rcpt_tos=("sam@records.example",),
+                                                 peer="127.0.0.1", helo="t"))
+    (tmp_path / "spool" / f"{sid}.eml").write_bytes(b"tampered")
+    with pytest.raises(SpoolCorrupt):
+        spool.read(sid)
+    folder = spool.set_aside(sid)
+    assert [e.id for e in spool.pending()] == []
+    assert (folder / f"{sid}.eml").read_bytes() == b"tampered"
+    spool.close()

@@ -94,8 +94,13 @@ def test_deny_shares_nothing_and_tells_only_the_family(world: World) -> None:
 # --- REDACT -----------------------------------------------------------------------------
 
 
+HTML = ("<p>Sam worked on handwriting this month.</p>"
+        "<p>Sam mentioned family conflict at home during the session.</p>"
+        "<p>Recommend a slant board in class.</p>")
+
+
 def test_redact_paragraph_then_approve_preview(world: World) -> None:
-    review = _post(world)
+    review = _post(world, report(html=HTML))  # the provider also sent an HTML version
     _answer(world, review, "REDACT 2")
 
     preview = world.notice("Preview, please confirm")
@@ -127,6 +132,32 @@ def test_redact_paragraph_then_approve_preview(world: World) -> None:
     assert "family conflict" not in approved.description
     world.settle(0.3)
     assert len(world.all_to(SCHOOL)) == 2
+
+
+def test_redact_phrase_everywhere(world: World) -> None:
+    """The phrase is in the subject, the body, the HTML version, an attachment's text and
+    its filename; none of it may reach the school in any form."""
+    msg = report(subject="Family conflict follow-up", html=HTML, attachments=(
+        ("family conflict notes.txt", "text/plain",
+         b"Observed: family\nconflict affects sleep.\n\nPlan: check in weekly.\n"),))
+    review = _post(world, msg)
+    _answer(world, review, 'REDACT "family conflict"')
+
+    preview = world.notice("Preview, please confirm")
+    shown = _section(preview.text(), "It would go to:", "=== Your changes")
+    assert "family conflict" not in shown.casefold()
+    assert "Sam worked on handwriting" in shown
+
+    _answer(world, preview, "APPROVE")
+    copies = world.wait_for(lambda m: m.rcpt_tos[0] in SCHOOL, count=2)
+    for copy in copies:
+        everything = every_text(copy.data).casefold()
+        assert "family conflict" not in everything
+        assert "family\nconflict" not in everything
+        assert b"conflict" not in copy.data.lower()
+        assert "Recommend a slant board" in copy.text()
+        assert "check in weekly" in everything
+    world.wait_state("released")
 
 
 # --- DROP -------------------------------------------------------------------------------
@@ -271,3 +302,9 @@ def test_html_only_report_is_shown_as_numbered_paragraphs(world: World) -> None:
     assert "<p>" not in text and "<b>" not in text
     parsed = email.message_from_bytes(review.data, policy=policy.default)
     assert "Session summary" in str(parsed["Subject"])
+
+    _answer(world, review, "APPROVE")
+    copies = world.wait_for(lambda m: m.rcpt_tos[0] in SCHOOL, count=2)
+    for copy in copies:
+        assert "Sam practised buttoning today." in copy.text()
+        assert "<p>" not in every_text(copy.data)

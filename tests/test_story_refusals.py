@@ -257,7 +257,10 @@ def test_reply_matched_only_by_references_from_a_stranger_is_not_a_decision(
     del msg["To"]
     msg["To"] = f"sam@{DOMAIN}"
     world.send(msg, "mallory@elsewhere.example", f"sam@{DOMAIN}")
-    world.settle(1.5)
+    # Not a reply (the sender is no guardian): new mail to the list from a stranger.
+    world.wait_state("quarantined", record_id=2)
+    world.settle()
     assert _releases(world) == []
     assert world.records()[0].state == "awaiting_review"
     assert world.audit("approved") == []
+    assert world.audit("reply_refused") == [] and world.audit("reply_ignored") == []

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from broker.audit.log import record_event
 from broker.content.codec import document_to_bytes
 from broker.db.models import Child, Inbound, Person, Record
-from broker.intake.spool import SpoolEntry
+from broker.intake.spool import SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
 from broker.mail.parse import ParseFailed, parse_message
@@ -51,7 +51,18 @@ class Pipeline:
         return len(entries)
 
     def process(self, entry: SpoolEntry) -> None:
-        raw = self.rt.spool.read(entry.id)
+        try:
+            raw = self.rt.spool.read(entry.id)
+        except SpoolCorrupt:
+            # The bytes on disk no longer match what was acknowledged: keep them aside
+            # for the operator rather than act on damaged content or retry forever.
+            log.error("spool message %s is damaged; set aside", entry.id)
+            self.rt.spool.set_aside(entry.id)
+            with self.rt.db.session() as s:
+                record_event(s, action="intake_failed", actor="broker", actor_role="broker",
+                             description={"spool_id": entry.id, "error": "spool damaged",
+                                          "sha256": entry.envelope.sha256})
+            return
         try:
             with self.rt.db.session() as s:
                 if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)) is None:

@@ -184,6 +184,8 @@ def address_acceptor(domain: str, child_slugs: Callable[[], set[str]]) -> Callab
         local = local.lower()
         if _REVIEW_RE.fullmatch(local) or _BOUNCE_RE.fullmatch(local):
             return True
+        if local == "postmaster":  # RFC 5321 4.5.1: kept for the operator, never forwarded
+            return True
         return local in {s.lower() for s in child_slugs()}
 
     return accepts

@@ -276,12 +276,15 @@ class Spool:
                     stop = True
                     break
                 batch.append(job)
-            self._commit_batch(batch)
+            try:
+                self._commit_batch(batch)
+            except Exception:  # pragma: no cover - _commit_batch resolves every job itself
+                log.exception("spool: batch writer error")
             if stop:
                 return
 
     def _commit_batch(self, batch: list[_Job]) -> None:
-        """Write, flush, rename, flush: every job ends with done set and error or not."""
+        """Write, flush, rename, flush; every job's future ends resolved, with id or error."""
         written: list[_Job] = []
         try:
             for job in batch:
@@ -398,6 +401,17 @@ class Spool:
         return data
 
     # -- removal ---------------------------------------------------------------------------------
+
+    def set_aside(self, spool_id: str) -> Path:
+        """Move a damaged message out of the queue into ``damaged/`` for the operator:
+        envelope first, so it is never pending again, then the bytes."""
+        damaged = self.root / "damaged"
+        damaged.mkdir(mode=0o700, exist_ok=True)
+        for suffix in (".json", ".eml"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self._path(spool_id, suffix), damaged / f"{spool_id}{suffix}")
+        _fsync_dir(self.root)
+        return damaged
 
     def remove(self, spool_id: str) -> None:
         """Drop a message once the content store has it: marker first, so a crash in between
