@@ -34,6 +34,9 @@ DEFAULT_BROKER_CMD = (
     "{python} -m broker.intake.smtp --spool {home}/spool --domain records.example"
     " --slug sam --port {port}"
 )
+SERVE_CMD = "{python} " + shlex.quote(str(Path(__file__).with_name("_serve_target.py"))) + (
+    " --home {home} --port {port}"
+)
 DEFAULT_SINK_CMD = "{python} " + shlex.quote(str(Path(__file__).with_name("_sink.py"))) + (
     " --port {port}"
 )
@@ -207,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", type=int, default=10 * 1024, help="message size in bytes")
     p.add_argument("--warmup", type=int, default=200, help="untimed messages per target")
-    p.add_argument("--broker-cmd", default=DEFAULT_BROKER_CMD, help="command template for (b)")
+    p.add_argument("--broker-cmd", default=SERVE_CMD,
+                   help="command template for the broker (default: the full `broker serve`)")
+    p.add_argument("--intake-only", action="store_true",
+                   help="also measure the bare intake+spool (no pipeline) as 'intake'")
     p.add_argument("--sink-cmd", default=DEFAULT_SINK_CMD, help=argparse.SUPPRESS)
     p.add_argument("--tmpdir", default=_default_tmpdir(),
                    help="where the targets' temporary homes (the spool) go (default: %(default)s)")
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
           + ("  (slow: broker figures are pessimistic, see probe_create_cost)"
              if create > 200e-6 else ""))
     specs = [("sink", args.sink_cmd), ("broker", args.broker_cmd)]
+    if args.intake_only:
+        specs.append(("intake", DEFAULT_BROKER_CMD))
     specs += [tuple(a.split("=", 1)) for a in args.also]  # type: ignore[misc]
     targets: list[Target] = []
     results: dict[str, list[Result]] = {name: [] for name, _ in specs}
