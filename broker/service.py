@@ -88,7 +88,8 @@ class Service:
     spooling front; the other roles pick the spool up when they run."""
 
     def __init__(self, settings: Settings, poll: float = 1.0,
-                 roles: tuple[str, ...] = ROLES) -> None:
+                 roles: tuple[str, ...] = ROLES,
+                 on_stored: Callable[[], None] | None = None) -> None:
         unknown = set(roles) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
@@ -102,7 +103,7 @@ class Service:
         self.handler = handler = IntakeHandler(
             self.rt.spool,
             address_acceptor(settings.domain, SlugCache(self.rt)),
-            on_stored=lambda _id: self.pipeline_wake.set(),
+            on_stored=lambda _id: (self.pipeline_wake.set(), on_stored and on_stored()),
         )
         self.server = IntakeServer(
             handler, settings.listen_host, settings.listen_port, hostname=settings.domain,

@@ -1,15 +1,30 @@
-"""`broker serve`: run the daemon in the foreground until SIGTERM or SIGINT."""
+"""`broker serve`: run the daemon in the foreground until SIGTERM or SIGINT.
+
+By default the SMTP intake runs in this process and the pipeline, outbox and expiry
+workers in a second process that this one starts, watches and restarts: the intake
+then never waits for parsing or database work (Python runs one thread at a time per
+process), and a crash in a worker cannot take the intake down. The intake wakes the
+workers through a pipe for each stored message; if the pipe closes (this process
+died), the workers stop too.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 
 import click
 
 from broker import config
 from broker.service import ROLES, Service
+
+log = logging.getLogger("broker.serve")
+WORKER_ROLES = ("pipeline", "outbox", "expiry")
 
 
 @click.command()
@@ -18,15 +33,19 @@ from broker.service import ROLES, Service
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--role", "roles", multiple=True, type=click.Choice(ROLES),
-              help="Run only these parts (repeatable); default: all of them.")
-def serve(home: str | None, log_level: str, roles: tuple[str, ...]) -> None:
+              help="Run only these parts in this process (repeatable).")
+@click.option("--single-process", is_flag=True,
+              help="Run every part in this one process (simpler, slower intake under load).")
+@click.option("--wake-stdin", is_flag=True, hidden=True,
+              help="Wake the pipeline on each byte read from standard input; stop at EOF.")
+def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_process: bool,
+          wake_stdin: bool) -> None:
     """Run the SMTP intake, pipeline, outbox sender and expiry timer."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = config.load(config.resolve_home(home))
     except config.ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    service = Service(settings, roles=roles or ROLES)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -34,6 +53,28 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...]) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+
+    if roles or single_process:
+        service = Service(settings, roles=roles or ROLES)
+        if wake_stdin:
+            threading.Thread(target=_read_wakeups, args=(service, stop), daemon=True).start()
+        _start(service, settings)
+        stop.wait()
+        service.stop()
+        return
+
+    workers = _Workers(settings.home, log_level)
+    service = Service(settings, roles=("intake",), on_stored=workers.wake)
+    workers.start()
+    _start(service, settings)
+    while not stop.wait(1.0):
+        workers.restart_if_dead()
+    click.echo("stopping", err=True)
+    service.stop()
+    workers.stop()
+
+
+def _start(service: Service, settings: config.Settings) -> None:
     try:
         service.start()
     except OSError as exc:
@@ -43,6 +84,62 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...]) -> None:
     where = f" on {settings.listen_host}:{service.port}" if "intake" in service.roles else ""
     click.echo(f"broker serving {settings.domain}{where} ({', '.join(service.roles)})",
                err=True)
-    stop.wait()
-    click.echo("stopping", err=True)
-    service.stop()
+
+
+def _read_wakeups(service: Service, stop: threading.Event) -> None:
+    stream = sys.stdin.buffer
+    while True:
+        chunk = stream.read1(4096)
+        if not chunk:  # the intake process is gone: stop with it
+            stop.set()
+            return
+        service.pipeline_wake.set()
+
+
+class _Workers:
+    """The worker process: started, woken, restarted if it dies, stopped last."""
+
+    def __init__(self, home: object, log_level: str) -> None:
+        self.args = [sys.executable, "-m", "broker.cli.main", "serve", "--home", str(home),
+                     "--log-level", log_level, "--wake-stdin",
+                     *[x for r in WORKER_ROLES for x in ("--role", r)]]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        # Niced to the lowest priority: under a burst the intake keeps answering
+        # and the workers catch up afterwards.
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE,
+                                     preexec_fn=lambda: os.nice(19))
+        assert self.proc.stdin is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)
+
+    def wake(self) -> None:
+        with self.lock:
+            proc = self.proc
+            if proc is None or proc.stdin is None:
+                return
+            # A full pipe already means "there is work"; a closed one is handled by
+            # restart_if_dead. Neither may block the SMTP event loop.
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, ValueError):
+                os.write(proc.stdin.fileno(), b".")
+
+    def restart_if_dead(self) -> None:
+        with self.lock:
+            if self.proc is not None and self.proc.poll() is not None:
+                log.error("worker process exited with %s; restarting", self.proc.returncode)
+                self.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
