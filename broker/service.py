@@ -69,8 +69,10 @@ class Worker(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 did = self.step()
-            except Exception:
-                log.exception("%s: step failed; retrying shortly", self.name)
+            except Exception as exc:
+                # The type only: an exception's text may quote record content.
+                log.error("%s: step failed (%s); retrying shortly", self.name,
+                          type(exc).__name__)
                 did = 0
                 self.stop_event.wait(1.0)
             if did and self.after:

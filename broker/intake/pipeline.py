@@ -74,7 +74,8 @@ class Pipeline:
             if isinstance(exc, OperationalError):
                 log.warning("database unavailable; message %s stays spooled", entry.id)
                 raise
-            log.exception("message %s could not be processed: %s", entry.id, type(exc).__name__)
+            # The type only: an exception's text may quote the message.
+            log.error("message %s could not be processed: %s", entry.id, type(exc).__name__)
             self._keep_failed(entry, raw, exc)
         self.rt.spool.remove(entry.id)
 
