@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "broker.toml"
-# dkim and pgp verification are not built yet; until they are, only token mode is
-# offered, so no home is configured with a mode that would silently refuse every reply.
-AUTH_MODES = ("token",)
+# pgp verification is not built yet; until it is, it is not offered, so no home is
+# configured with a mode that would silently refuse every reply.
+AUTH_MODES = ("token", "dkim")
 
 
 class ConfigError(Exception):
@@ -44,6 +44,9 @@ class Settings:
     max_message_size: int = 25 * 1024 * 1024
     hold_days: float = 14.0
     reply_auth: str = "token"
+    # authserv-ids of the operator's own MTA whose Authentication-Results are believed
+    # (lower case); see broker.crypto.authresults for which of its headers count.
+    trusted_authserv_ids: tuple[str, ...] = ()
     notify_sender_on_release: bool = True
     # Retry schedule for outbound copies, in seconds; the last step repeats until
     # give_up_after seconds have passed since the first attempt.
@@ -127,6 +130,13 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         raise ConfigError(
             f"{source}: replies.authentication must be one of {', '.join(AUTH_MODES)}, got {auth!r}"
         )
+    trusted = replies.get("trusted_authserv_ids", [])
+    if not isinstance(trusted, list) or not all(
+        isinstance(t, str) and t.strip() and not any(c.isspace() or c == ";" for c in t.strip())
+        for t in trusted
+    ):
+        raise ConfigError(f"{source}: replies.trusted_authserv_ids must be a list of "
+                          "authserv-ids (host names, no spaces or ';')")
     release = raw.get("release", {})
     outbox = raw.get("outbox", {})
     schedule = outbox.get("retry_schedule")
@@ -146,6 +156,7 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         max_message_size=size,
         hold_days=need(hold, "lifetime_days", float, "hold.") or 14.0,
         reply_auth=auth,
+        trusted_authserv_ids=tuple(dict.fromkeys(t.strip().lower() for t in trusted)),
         notify_sender_on_release=bool(release.get("notify_sender", True)),
         retry_schedule=tuple(float(s) for s in schedule) if schedule else Settings.retry_schedule,
         give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
@@ -191,9 +202,19 @@ check_interval = 60
 [replies]
 # How a guardian's reply is authenticated before it may decide anything:
 #   token - the record's token and a guardian's From address (demo and tests only)
-#   dkim  - also a verified DKIM signature / trusted Authentication-Results
-#   pgp   - also a valid OpenPGP signature by the guardian's registered key
+#   dkim  - also a DKIM signature the broker verifies, with d= the From domain or a
+#           parent of it, or a trusted Authentication-Results (below)
+#   pgp   - also a valid OpenPGP signature by the guardian's registered key (not
+#           available yet)
 authentication = "{auth}"
+# dkim mode: authserv-ids of YOUR OWN mail server (the first field of the
+# Authentication-Results header it adds, e.g. "mx.records.example") whose dkim=pass or
+# dmarc=pass results are believed. Only its headers standing above the topmost
+# Received header count (those below came from outside). Set this only when the
+# broker's SMTP intake is reachable through that server alone (loopback or a
+# firewalled port): a sender talking to the intake directly can write any header.
+# Empty: no Authentication-Results is believed; the broker checks DKIM itself.
+trusted_authserv_ids = []
 
 [release]
 # Tell the sender when their message has been forwarded (never what was decided).

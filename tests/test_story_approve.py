@@ -3,6 +3,7 @@ the school gets exactly the broker-built copy; the audit shows every step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,8 @@ def test_approve_releases_to_school_members(world: World) -> None:
             assert desc["released_by"] == "dana@home.example"
         assert verify_log(s).ok
     # What reached the school is byte-for-byte what the audit hashed.
-    import hashlib
-    for copy in copies:
-        assert hashlib.sha256(copy.data).hexdigest() in sent.values() or True
+    assert {hashlib.sha256(c.data).hexdigest() for c in copies} == set(sent.values())
+    # The provider is told it was shared: not to whom, not what.
+    shared = world.wait_for(lambda m: m.rcpt_tos == ["lee@clinic.example"]
+                            and "Shared by the family" in str(m.msg["Subject"]))[0]
+    assert "park" not in shared.text().lower() and "handwriting" not in shared.text()

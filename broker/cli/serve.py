@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,13 @@ def _read_wakeups(service: Service, stop: threading.Event) -> None:
         service.pipeline_wake.set()
 
 
+def _idle_priority() -> None:
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the lowest nice
+        os.nice(19)
+
+
 class _Workers:
     """The worker process: started, woken, restarted if it dies, stopped last."""
 
@@ -107,10 +115,12 @@ class _Workers:
         self.lock = threading.Lock()
 
     def start(self) -> None:
-        # Niced to the lowest priority: under a burst the intake keeps answering
-        # and the workers catch up afterwards.
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE,
-                                     preexec_fn=lambda: os.nice(19))
+        # The workers run at idle priority (CPU, and disk where `ionice` exists): under
+        # a burst the intake keeps answering at full speed and the workers catch up
+        # from the spool afterwards; at ordinary load nothing competes with them.
+        prefix = ["ionice", "-c", "3"] if shutil.which("ionice") else []
+        self.proc = subprocess.Popen([*prefix, *self.args], stdin=subprocess.PIPE,
+                                     preexec_fn=_idle_priority)
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
 

@@ -43,6 +43,56 @@ def parse_html(html: str) -> HtmlElement | None:
         return None
 
 
+# Inline styles that make an element invisible in a mail client although its text is in the
+# document. inscriptis drops display:none itself; these are the other ways.
+_HIDING_STYLE = re.compile(
+    r"(?:^|[;{\s])(?:"
+    r"display\s*:\s*none"
+    r"|visibility\s*:\s*(?:hidden|collapse)"
+    r"|opacity\s*:\s*[0.]+(?:%)?\s*(?:!important\s*)?(?:[;}]|$)"
+    r"|font-size\s*:\s*[0.]+(?:[a-z%]+)?\s*(?:!important\s*)?(?:[;}]|$)"
+    r"|mso-hide\s*:\s*all"
+    r"|color\s*:\s*transparent"
+    r")",
+    re.IGNORECASE,
+)
+_CLIPPED = re.compile(
+    r"(?:^|[;{\s])(?:max-)?(?:height|width)\s*:\s*[0.]+(?:[a-z%]+)?\s*(?:!important\s*)?(?:[;}]|$)",
+    re.IGNORECASE,
+)
+_OVERFLOW_HIDDEN = re.compile(r"overflow(?:-[xy])?\s*:\s*hidden", re.IGNORECASE)
+
+
+def _hides(style: str) -> bool:
+    return bool(_HIDING_STYLE.search(style)) or bool(
+        _CLIPPED.search(style) and _OVERFLOW_HIDDEN.search(style)
+    )
+
+
+def remove_hidden(tree: HtmlElement) -> bool:
+    """Remove the elements a reader cannot see (``hidden``, ``<template>``, inline styles
+    such as display:none, visibility:hidden, font-size:0, opacity:0, mso-hide:all).
+
+    Returns True when a ``<style>`` sheet holds hiding rules: which elements they hide
+    cannot be told without a CSS engine, so a caller that needs the *visible* text (the
+    parent's reply) must not trust the result.
+    """
+    doomed = [
+        el
+        for el in tree.iter()
+        if isinstance(el.tag, str)
+        and (
+            el.tag.lower() == "template"
+            or el.get("hidden") is not None
+            or _hides(el.get("style") or "")
+        )
+    ]
+    for el in doomed:
+        if el.getparent() is not None:
+            el.drop_tree()  # keeps the element's tail text, which is outside it
+    return any(_hides(style.text_content()) for style in tree.iter("style"))
+
+
 def tree_to_text(tree: HtmlElement | None) -> str:
     """Render a parsed tree as text (see :func:`html_to_text`)."""
     if tree is None:

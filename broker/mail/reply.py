@@ -41,7 +41,7 @@ from email.message import EmailMessage, Message
 
 from lxml.html import HtmlElement, tostring
 
-from broker.mail.html import parse_html, tree_to_text
+from broker.mail.html import parse_html, remove_hidden, tree_to_text
 
 __all__ = [
     "ReplyText",
@@ -620,6 +620,10 @@ def extract_reply_from_html(html: str) -> str:
     """
     tree = parse_html(html)
     if tree is None:
+        return ""
+    # Only what the parent could see counts: hidden elements are removed, and a reply
+    # whose style sheet hides things cannot be read safely at all (no CSS engine here).
+    if remove_hidden(tree):
         return ""
     _remove_quote_in_tree(tree)
     return extract_reply(tree_to_text(tree))

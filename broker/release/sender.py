@@ -173,3 +173,13 @@ class OutboxSender:
         new_state = states.RELEASE_FAILED if failed else states.RELEASED
         transition(s, record, new_state, actor=BROKER_ACTOR, actor_role="broker",
                    description={"copies": len(copies), "failed": len(failed)})
+        if new_state == states.RELEASED and self.rt.settings.notify_sender_on_release:
+            sender = s.get(Person, record.sender_id) if record.sender_id else None
+            if sender is not None and sender.active:
+                self.notifier.notice(
+                    s, record.child, sender, "forwarded",
+                    render.render_forwarded(child_name=record.child.name,
+                                            subject=record.subject,
+                                            received_at=record.received_at),
+                    subject=record.subject, record=record, auto_submitted="auto-replied",
+                )

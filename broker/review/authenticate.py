@@ -2,17 +2,34 @@
 
 A token shows the sender saw the review request; a From address says who they claim
 to be; only a signature proves it. The mode comes from broker.toml (replies.
-authentication). `token` trusts the From address of a registered guardian and is
-for the demo and tests; DKIM/DMARC and OpenPGP verification plug in here.
+authentication):
+
+- ``token`` trusts the From address of a registered guardian; for the demo and tests.
+- ``dkim``: the reply must also carry exactly one From header with exactly one
+  address (the guardian's), and either a DKIM signature that the broker verifies
+  itself (broker.crypto.dkim: d= aligned with the From domain, From signed, no l=),
+  or an Authentication-Results header from an operator-trusted authserv-id standing
+  above the first Received header saying dkim=pass / dmarc=pass for that domain
+  (broker.crypto.authresults documents that rule).
+- ``pgp`` is not built yet.
+
+Fail closed: any mode this build cannot verify, and any error while verifying,
+approves nothing. ``detail`` says what was seen, for the audit and the guardians.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.utils import getaddresses
 
 from broker.config import Settings
+from broker.crypto.authresults import check_authentication_results, header_list
+from broker.crypto.dkim import safe, verify_dkim
 from broker.db.models import Person
+
+# Keep audit events and notices a readable size whatever the sender put in headers.
+MAX_DETAIL = 1500
 
 
 @dataclass(frozen=True)
@@ -22,9 +39,50 @@ class AuthResult:
     detail: str = ""
 
 
-def authenticate_reply(msg: EmailMessage, guardian: Person, settings: Settings) -> AuthResult:
+def authenticate_reply(
+    msg: EmailMessage, guardian: Person, settings: Settings, raw: bytes | None = None
+) -> AuthResult:
+    """``raw`` is the reply exactly as received (signatures are over those bytes); when
+    it is not given, the parsed message is serialised again, which may break them."""
     mode = settings.reply_auth
     if mode == "token":
         return AuthResult(True, "token", "token and guardian From address (no signature check)")
+    if mode == "dkim":
+        try:
+            return _dkim(msg, guardian, settings, raw)
+        except Exception as exc:  # never let a verifier bug approve or crash the pipeline
+            return AuthResult(False, "dkim", f"verification error ({type(exc).__name__})")
     # Fail closed: a mode this build cannot verify approves nothing.
     return AuthResult(False, mode, f"reply authentication mode {mode!r} is not available")
+
+
+def _dkim(msg: EmailMessage, guardian: Person, settings: Settings,
+          raw: bytes | None) -> AuthResult:
+    froms = msg.get_all("From", [])
+    addresses = [a for _, a in getaddresses([str(v) for v in froms]) if a]
+    if len(froms) != 1 or len(addresses) != 1:
+        return AuthResult(False, "dkim", f"{len(froms)} From headers with {len(addresses)} "
+                          "addresses; exactly one is needed")
+    address = addresses[0].strip().lower()
+    if address != guardian.email.lower():
+        return AuthResult(False, "dkim", "From is not the guardian's address")
+    domain = address.rpartition("@")[2]
+    if not domain:
+        return AuthResult(False, "dkim", "From address has no domain")
+    data = raw if raw is not None else msg.as_bytes()
+
+    sig = verify_dkim(data, domain)
+    if sig.ok:
+        return AuthResult(True, "dkim", _cut(f"DKIM verified by the broker: {sig.describe()}"))
+    ar = check_authentication_results(header_list(data), domain,
+                                      settings.trusted_authserv_ids)
+    if ar.ok:
+        return AuthResult(True, "authentication-results",
+                          _cut(f"{ar.describe()}; broker DKIM check: {sig.describe()}"))
+    return AuthResult(False, "dkim", _cut(
+        f"no DKIM signature or trusted Authentication-Results for {safe(domain)}: "
+        f"{sig.describe()}; {ar.describe()}"))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."

@@ -9,6 +9,7 @@ problem must change nothing (``broker.review.decisions.decide`` enforces that).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -83,17 +84,23 @@ _BARE = {"approve": Approve, "deny": Deny, "help": Help}
 
 # First ASCII word of a line, and what follows it.
 _LEAD = re.compile(r"([A-Za-z]+)(.*)", re.S)
-# Invisible characters some clients insert (BOM, zero-width spaces/joiners, word joiner).
-_INVISIBLE = re.compile("[\ufeff\u200b\u200c\u200d\u2060]")
+# A byte order mark at the very start of the text is an encoding artefact, not content.
+_BOM = "\ufeff"
+# Invisible characters that are not format (Cf) or control (Cc) characters: Hangul fillers,
+# the combining grapheme joiner, the braille blank and the Mongolian vowel separator.
+_INVISIBLE_EXTRA = frozenset("\u115f\u1160\u3164\uffa0\u034f\u2800\u180e")
+# Variation selectors: invisible, and only legitimate after a non-ASCII character (emoji).
+_VARIATION_SELECTORS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 _QUOTED = re.compile(r"[\"“”„](.*?)[\"“”]", re.S)
 _QUOTE_CHARS = re.compile(r"[\"“”„]")
 _DASH = re.compile(r"\s*[-‐‑–—]\s*")  # hyphen and dash look-alikes
 _SEPARATORS = re.compile(r"[\s,;]+")
-_BODY_ID = re.compile(r"(\d+)")
-_ATT_ID = re.compile(r"a(\d+)\.(\d+)", re.I)
-_BODY_RANGE = re.compile(r"(\d+)-(\d+)")
-_ATT_RANGE = re.compile(r"a(\d+)\.(\d+)-(?:a(\d+)\.)?(\d+)", re.I)
-_LABEL = re.compile(r"a(\d+)", re.I)
+# ASCII digits only: a fullwidth or Arabic-Indic digit is not silently read as a number.
+_BODY_ID = re.compile(r"([0-9]+)")
+_ATT_ID = re.compile(r"a([0-9]+)\.([0-9]+)", re.I)
+_BODY_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
+_ATT_RANGE = re.compile(r"a([0-9]+)\.([0-9]+)-(?:a([0-9]+)\.)?([0-9]+)", re.I)
+_LABEL = re.compile(r"a([0-9]+)", re.I)
 _EMAIL = re.compile(r"[^@\s<>(),;:\"]+@[^@\s<>(),;:\"]+\.[^@\s<>(),;:\"]+")
 _TAG = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _MAILTO = re.compile(r"<\s*mailto:([^>]*)>", re.I)
@@ -116,21 +123,145 @@ _LABEL_FILLER = frozenset({"and", "&", "attachment", "attachments"})
 
 
 def _quote(line: str) -> str:
-    """Quote a line for a problem message, shortened so a pasted essay stays readable."""
-    return f'"{line if len(line) <= 100 else line[:97] + "..."}"'
+    """Quote a line for a problem message, shortened so a pasted essay stays readable;
+    hidden characters are written out as <U+XXXX>."""
+    return f'"{show_hidden(line if len(line) <= 100 else line[:97] + "...")}"'
 
 
 def _unreadable(line: str) -> str:
     return f"I could not read this line: {_quote(line)}"
 
 
+def _unreadable_or_lookalike(line: str) -> str:
+    if _deceptive(line, all_words=True):
+        return _lookalike_problem(line)
+    return _unreadable(line)
+
+
+# --- look-alikes and hidden characters ------------------------------------------------------
+#
+# Nothing is normalised into a command: a line with an invisible or direction-changing
+# character, or whose command word is spelt with look-alike letters, is a problem that
+# quotes the line (hidden characters made visible) and asks for it to be typed plainly.
+
+LOOKALIKE = (
+    "this line contains characters that look like letters but are not; type the command plainly"
+)
+
+# Letters of other scripts that look like the Latin letters of the command words.
+_CONFUSABLE = str.maketrans(
+    {
+        # Cyrillic
+        "А": "A", "а": "a", "В": "B", "в": "b", "Е": "E", "е": "e", "К": "K", "к": "k",
+        "М": "M", "м": "m", "Н": "H", "н": "h", "О": "O", "о": "o", "Р": "P", "р": "p",
+        "С": "C", "с": "c", "Т": "T", "т": "t", "У": "Y", "у": "y", "Х": "X", "х": "x",
+        "Ѕ": "S", "ѕ": "s", "І": "I", "і": "i", "Ј": "J", "ј": "j", "Ԁ": "D", "ԁ": "d",
+        "Ԛ": "Q", "ԛ": "q", "Ԝ": "W", "ԝ": "w", "Ѵ": "V", "ѵ": "v", "Һ": "H", "һ": "h",
+        "Ӏ": "l", "ӏ": "l", "Ү": "Y", "ү": "y", "Ь": "b", "п": "n", "г": "r", "ѡ": "w",
+        "Ԍ": "G", "ԍ": "g", "Ԓ": "N",
+        # Greek
+        "Α": "A", "α": "a", "Β": "B", "Ε": "E", "ε": "e", "Ζ": "Z", "Η": "H", "Ι": "I",
+        "ι": "i", "Κ": "K", "κ": "k", "Μ": "M", "Ν": "N", "ν": "v", "Ο": "O", "ο": "o",
+        "Ρ": "P", "ρ": "p", "Τ": "T", "τ": "t", "Υ": "Y", "υ": "u", "Χ": "X", "χ": "x",
+        "ϲ": "c", "Ϲ": "C", "ϳ": "j",
+        # Latin and others
+        "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g", "ʟ": "l", "ℓ": "l", "ǀ": "l", "ɴ": "n",
+        "ʀ": "r", "ᴅ": "d", "ᴇ": "e", "ᴘ": "p", "ᴏ": "o", "ᴠ": "v", "ᴀ": "a", "ʜ": "h",
+        "օ": "o", "ս": "u", "ո": "n", "հ": "h", "ց": "g",
+        "Ꭺ": "A", "Ꭼ": "E", "Ꮲ": "P", "Ꮢ": "R", "Ꮩ": "V", "Ꭰ": "D", "Ꮃ": "W", "Ꭲ": "T",
+        "Ꮋ": "H", "Ꮮ": "L", "Ꮪ": "S", "Ꮓ": "Z", "Ꮯ": "C", "Ꮐ": "G",
+    }
+)  # fmt: skip
+_LOOKALIKE_STEMS = (*KEYWORDS, "approv", "deni")
+
+
+def is_hidden(ch: str) -> bool:
+    """True for a character a reader cannot see: format (zero-width, bidi, BOM, soft
+    hyphen, tag characters), control (other than tab) and a few invisible letters."""
+    cat = unicodedata.category(ch)
+    return cat == "Cf" or (cat == "Cc" and ch != "\t") or ch in _INVISIBLE_EXTRA
+
+
+def _has_hidden(line: str) -> bool:
+    if any(is_hidden(ch) for ch in line):
+        return True
+    # A variation selector after an ASCII character changes nothing visible.
+    return any(
+        m.start() > 0 and line[m.start() - 1].isascii() for m in _VARIATION_SELECTORS.finditer(line)
+    )
+
+
+def _only_invisible(line: str) -> bool:
+    """A line of nothing but whitespace and hidden characters reads as a blank line."""
+    return all(ch.isspace() or is_hidden(ch) or _VARIATION_SELECTORS.fullmatch(ch) for ch in line)
+
+
+def _skeleton(word: str) -> str:
+    """What a word looks like in plain ASCII: compatibility forms unfolded (fullwidth,
+    mathematical letters), accents dropped, look-alike letters replaced, case folded."""
+    decomposed = unicodedata.normalize("NFKD", word)
+    bare = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return bare.translate(_CONFUSABLE).casefold()
+
+
+def _words(line: str) -> list[str]:
+    """Runs of letters and combining marks (so "A\u0301PPROVE" is one word)."""
+    words: list[str] = []
+    current: list[str] = []
+    for ch in line:
+        if unicodedata.category(ch)[0] in "LM":
+            current.append(ch)
+        elif current:
+            words.append("".join(current))
+            current = []
+    if current:
+        words.append("".join(current))
+    return words
+
+
+def _lookalike_word(word: str) -> bool:
+    """A word that is not plain ASCII but reads as a command word."""
+    return not word.isascii() and _skeleton(word).startswith(_LOOKALIKE_STEMS)
+
+
+def _deceptive(line: str, *, all_words: bool) -> bool:
+    """Hidden characters anywhere, or a command word spelt with look-alike letters: the
+    first word of a line (a command line's keyword), or any word (other lines)."""
+    if _has_hidden(line):
+        return True
+    stripped = line.lstrip()
+    words = _words(stripped)
+    if not all_words:
+        first = words[:1] if stripped and unicodedata.category(stripped[0])[0] in "LM" else []
+        return any(_lookalike_word(w) for w in first)
+    return any(_lookalike_word(w) for w in words)
+
+
+def show_hidden(line: str) -> str:
+    """The line with every hidden character written as <U+XXXX>, so the parent sees it."""
+    out = []
+    for ch in line:
+        if is_hidden(ch) or (_VARIATION_SELECTORS.fullmatch(ch) is not None):
+            out.append(f"<U+{ord(ch):04X}>")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _lookalike_problem(line: str) -> str:
+    return f"{LOOKALIKE[0].upper()}{LOOKALIKE[1:]}: {_quote(line)}"
+
+
 def _clean_lines(reply_text: str) -> list[str]:
-    text = _INVISIBLE.sub("", reply_text.replace("\r\n", "\n").replace("\r", "\n"))
-    return [line.strip() for line in text.split("\n")]
+    text = reply_text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.removeprefix(_BOM)
+    return ["" if _only_invisible(line) else line.strip() for line in text.split("\n")]
 
 
 def _keyword(line: str) -> tuple[str, str] | None:
     """(keyword, rest) if the line's first word is exactly a command keyword."""
+    if _deceptive(line, all_words=False):
+        return None
     m = _LEAD.match(line)
     if m is None or m.group(1).lower() not in KEYWORDS:
         return None
@@ -139,7 +270,9 @@ def _keyword(line: str) -> tuple[str, str] | None:
 
 def _looks_like_instruction(line: str) -> bool:
     """True if a would-be sign-off line could be an instruction (so it must not be ignored)."""
-    words = re.findall(r"[\w'’]+", line.casefold().replace("’", "'"))
+    if _deceptive(line, all_words=True):
+        return True
+    words = re.findall(r"[\w'’]+", _skeleton(line).replace("’", "'"))
     if words and (words[0] == "to" or words[0].startswith(_SIGNOFF_STEMS)):
         return True
     return any(w in _SIGNOFF_STOP or w.endswith("n't") for w in words)
@@ -162,7 +295,10 @@ def parse_commands(reply_text: str) -> ParseResult:
             continue
         found = _keyword(line)
         if found is None:
-            problems.append(_unreadable(line))
+            problems.append(_unreadable_or_lookalike(line))
+            continue
+        if _deceptive(line, all_words=False):  # hidden characters after the keyword
+            problems.append(_lookalike_problem(line))
             continue
         result = _parse_line(line, *found)
         if isinstance(result, str):
@@ -181,7 +317,7 @@ def parse_commands(reply_text: str) -> ParseResult:
         ):
             ignored.extend(tail)
         else:
-            problems.extend(_unreadable(t) for t in tail)
+            problems.extend(_unreadable_or_lookalike(t) for t in tail)
 
     merged = _merge(commands)
     if not merged and not problems:
@@ -242,6 +378,8 @@ def _parse_redact(line: str, args: str) -> Redact | str:
 
 def _expand_id(token: str) -> list[str] | str:
     """Paragraph ids for one token ("2", "A1.3", "2-4", "A1.2-4"), or a problem."""
+    if not token.isascii():
+        return f"{_quote(token)}: {LOOKALIKE}."
     if m := _BODY_ID.fullmatch(token):
         return [str(int(m.group(1)))]
     if m := _ATT_ID.fullmatch(token):
@@ -268,6 +406,8 @@ def _parse_drop(line: str, args: str) -> Drop | str:
     labels: list[str] = []
     for raw in _tokens(args, _LABEL_FILLER):
         token = _strip_brackets(raw).rstrip(".")
+        if not token.isascii():
+            return _lookalike_problem(line)
         m = _LABEL.fullmatch(token)
         if m is None:
             return f"{_quote(token)} is not an attachment label like A2. {_unreadable(line)}"
@@ -295,6 +435,8 @@ def _parse_to(line: str, args: str) -> To | str:
             if not _TAG.fullmatch(tag):
                 return f"{_quote(token)} is not a tag like tag:ot. {_unreadable(line)}"
             tags.append(tag)
+        elif not token.isascii():
+            return _lookalike_problem(line)
         elif _EMAIL.fullmatch(token):
             addresses.append(token.lower())
         else:

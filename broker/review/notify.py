@@ -141,7 +141,7 @@ class Notifier:
             auto_submitted=auto_submitted,
         )
         person = to if isinstance(to, Person) else None
-        kind_col = "receipt" if kind == "receipt" else "notice"
+        kind_col = "receipt" if kind in ("receipt", "forwarded") else "notice"
         self._queue(s, kind_col, person or address, data, record, child=child,
                     message_id=message_id)
 

@@ -34,6 +34,7 @@ NoticeKind = Literal[
     "help",
     "not_understood",
     "receipt",
+    "forwarded",
     "quarantine",
     "decided_released",
     "decided_denied",
@@ -176,6 +177,8 @@ def notice_subject(
         return subject
     if kind == "receipt":
         return f"Received and held for review: {subject}"
+    if kind == "forwarded":
+        return f"Shared by the family: {subject}"
     tag = f"[{records_name(child_name)}" + (f" #{record_id}]" if record_id is not None else "]")
     titles: dict[str, str] = {
         "review": "Review needed",
@@ -285,6 +288,24 @@ def render_not_understood(
         child_name=child_name,
         record_id=record_id,
         problems=problems,
+    )
+
+
+def render_forwarded(
+    *,
+    child_name: str,
+    subject: str,
+    received_at: datetime,
+    templates: Path | str | None = None,
+) -> str:
+    """To the sender, where the operator wants it: shared, and nothing more (not to whom,
+    not what was removed)."""
+    return _render(
+        "forwarded.txt.j2",
+        templates,
+        child_name=child_name,
+        subject=subject,
+        received_at=received_at,
     )
 
 

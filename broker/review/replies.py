@@ -9,6 +9,7 @@ APPROVE that parsed cleanly all agree.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from email.message import EmailMessage
@@ -23,7 +24,7 @@ from broker.content.codec import (
     draft_from_bytes,
     draft_to_bytes,
 )
-from broker.db.models import Inbound, Person, Record, Token, utcnow
+from broker.db.models import AuditEvent, Inbound, Person, Record, Token, utcnow
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
@@ -122,11 +123,18 @@ def handle_reply(
             record=record)
         return
 
-    auth = authenticate_reply(msg, guardian, rt.settings)
+    # Signatures are over the bytes as received: read them back from the content store
+    # rather than re-serialising the parsed message.
+    auth = authenticate_reply(msg, guardian, rt.settings, raw=rt.content.get(inbound.raw_ref))
     if not auth.ok:
         inbound.outcome = f"refused: authentication failed ({auth.detail})"
+        # At most one such notice per record per hour: a forger retrying must not turn
+        # the broker into a mail cannon aimed at the guardians. Every attempt is audited.
+        quiet = _auth_failure_noticed_recently(s, record)
         audit("reply_refused", record, reason="auth_failed", method=auth.method,
-              detail=auth.detail)
+              detail=auth.detail, guardians_notified=not quiet)
+        if quiet:
+            return
         for g in guardians(s, child):
             notifier.notice(s, child, g, "refused", render.render_refused(
                 child_name=child.name, record_id=record.id, reason="auth_failed",
@@ -198,6 +206,26 @@ def handle_reply(
                 subject=record.subject, record=record, reply_to=review_to)
     else:  # pragma: no cover - apply_commands returns only the types above
         raise TypeError(f"unexpected decision {decision!r}")
+
+
+AUTH_FAILED_NOTICE_INTERVAL = dt.timedelta(hours=1)
+
+
+def _auth_failure_noticed_recently(s: Session, record: Record) -> bool:
+    """True when the guardians were told of a failed authentication on this record
+    within the last AUTH_FAILED_NOTICE_INTERVAL (from the audit log)."""
+    since = utcnow() - AUTH_FAILED_NOTICE_INTERVAL
+    rows = s.scalars(select(AuditEvent.description).where(
+        AuditEvent.record_id == record.id, AuditEvent.action == "reply_refused",
+        AuditEvent.at >= since))
+    for text in rows:
+        try:
+            desc = json.loads(text or "{}")
+        except ValueError:
+            continue
+        if desc.get("reason") == "auth_failed" and desc.get("guardians_notified", True):
+            return True
+    return False
 
 
 def _stale(token: Token, record: Record) -> str | None:
