@@ -7,6 +7,7 @@ point the same home at another database (BROKER_DATABASE_URL).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class Settings:
     # authserv-ids of the operator's own MTA whose Authentication-Results are believed
     # (lower case); see broker.crypto.authresults for which of its headers count.
     trusted_authserv_ids: tuple[str, ...] = ()
+    # Connecting addresses whose Authentication-Results may be believed at all.
+    trusted_relays: tuple[str, ...] = ("127.0.0.1", "::1")
     notify_sender_on_release: bool = True
     # Retry schedule for outbound copies, in seconds; the last step repeats until
     # give_up_after seconds have passed since the first attempt.
@@ -137,6 +140,14 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
     ):
         raise ConfigError(f"{source}: replies.trusted_authserv_ids must be a list of "
                           "authserv-ids (host names, no spaces or ';')")
+    relays = replies.get("trusted_relays", ["127.0.0.1", "::1"])
+    try:
+        if not isinstance(relays, list):
+            raise ValueError
+        relays = [str(ipaddress.ip_address(r)) for r in relays]
+    except ValueError as exc:
+        raise ConfigError(f"{source}: replies.trusted_relays must be a list of IP addresses"
+                          ) from exc
     release = raw.get("release", {})
     outbox = raw.get("outbox", {})
     schedule = outbox.get("retry_schedule")
@@ -157,6 +168,7 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         hold_days=need(hold, "lifetime_days", float, "hold.") or 14.0,
         reply_auth=auth,
         trusted_authserv_ids=tuple(dict.fromkeys(t.strip().lower() for t in trusted)),
+        trusted_relays=tuple(relays),
         notify_sender_on_release=bool(release.get("notify_sender", True)),
         retry_schedule=tuple(float(s) for s in schedule) if schedule else Settings.retry_schedule,
         give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
@@ -215,6 +227,9 @@ authentication = "{auth}"
 # firewalled port): a sender talking to the intake directly can write any header.
 # Empty: no Authentication-Results is believed; the broker checks DKIM itself.
 trusted_authserv_ids = []
+# ...and only on mail handed over by one of these addresses (your mail server's
+# connection to the intake). Mail from anywhere else is judged by DKIM alone.
+trusted_relays = ["127.0.0.1", "::1"]
 
 [release]
 # Tell the sender when their message has been forwarded (never what was decided).

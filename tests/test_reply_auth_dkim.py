@@ -25,7 +25,7 @@ from broker.crypto.authresults import (
     parse,
 )
 from broker.db.models import Person
-from broker.review.authenticate import authenticate_reply
+from broker.review.authenticate import authenticate_reply, from_trusted_relay
 from tests.harness import DOMAIN, GUARDIAN, World, reply_to, report
 
 TRUSTED = "mx.records.example"
@@ -282,11 +282,16 @@ def test_dkim_mode_signature_and_authentication_results(tmp_path: Path, keys: Ke
         # No signature, but the operator's MTA vouches (above its Received).
         ar = (f"Authentication-Results: {TRUSTED}; dmarc=pass header.from=home.example\r\n"
               f"{RCVD[0]}: {RCVD[1]}\r\n").encode() + _message()
-        via = authenticate_reply(_parsed(ar), _guardian(), _settings(tmp_path), raw=ar)
+        via = authenticate_reply(_parsed(ar), _guardian(), _settings(tmp_path), raw=ar,
+                                 peer="127.0.0.1:40000")
         assert via.ok and via.method == "authentication-results", via.detail
         # The same, with no trusted ids configured: nothing is believed.
         assert not authenticate_reply(_parsed(ar), _guardian(), _settings(tmp_path, trusted=()),
-                                      raw=ar).ok
+                                      raw=ar, peer="127.0.0.1:40000").ok
+        # The same, handed over by a host that is not a trusted relay: not believed.
+        outside = authenticate_reply(_parsed(ar), _guardian(), _settings(tmp_path), raw=ar,
+                                     peer="203.0.113.9:25")
+        assert not outside.ok and "trusted relay" in outside.detail
     finally:
         bdkim.set_resolver(None)
 
@@ -416,6 +421,18 @@ def test_authentication_results_injected_by_the_sender_approves_nothing(
     world.send(bare + _raw(reply_to(review, "APPROVE")), GUARDIAN, str(review.msg["Reply-To"]))
     assert "no Received header" in _refused(world, count=2)[1]["detail"]
     _nothing_released(world)
+
+
+@pytest.mark.parametrize(("peer", "relays", "trusted"), [
+    ("127.0.0.1:2525", ("127.0.0.1", "::1"), True),
+    ("[::1]:2525", ("127.0.0.1", "::1"), True),
+    ("198.51.100.7:2525", ("127.0.0.1", "::1"), False),
+    ("127.0.0.1:2525", (), False),
+    ("garbage", ("127.0.0.1",), False),
+])
+def test_trusted_relay_is_decided_by_the_connecting_address(
+        peer: str, relays: tuple[str, ...], trusted: bool) -> None:
+    assert from_trusted_relay(peer, relays) is trusted
 
 
 def test_authentication_results_of_the_trusted_mta_releases(world: World) -> None:

@@ -94,6 +94,8 @@ class Inbound(Base):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     mail_from: Mapped[str] = mapped_column(String(320))
     rcpt_tos: Mapped[str] = mapped_column(Text)  # JSON list
+    # host:port that handed the message to the intake ([v6]:port for IPv6)
+    peer: Mapped[str] = mapped_column(String(64), default="", server_default="")
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     raw_ref: Mapped[str] = mapped_column(String(128))

@@ -96,6 +96,7 @@ class Pipeline:
             received_at=dt.datetime.fromisoformat(env.received_at),
             mail_from=env.mail_from,
             rcpt_tos=json.dumps(list(env.rcpt_tos)),
+            peer=env.peer[:64],
             size=len(raw),
             sha256=env.sha256,
             raw_ref=self.rt.content.put(raw),

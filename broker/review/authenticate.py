@@ -19,6 +19,7 @@ approves nothing. ``detail`` says what was seen, for the audit and the guardians
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import getaddresses
@@ -40,16 +41,19 @@ class AuthResult:
 
 
 def authenticate_reply(
-    msg: EmailMessage, guardian: Person, settings: Settings, raw: bytes | None = None
+    msg: EmailMessage, guardian: Person, settings: Settings, raw: bytes | None = None,
+    peer: str = "",
 ) -> AuthResult:
     """``raw`` is the reply exactly as received (signatures are over those bytes); when
-    it is not given, the parsed message is serialised again, which may break them."""
+    it is not given, the parsed message is serialised again, which may break them.
+    ``peer`` is the host:port that handed it to the intake: Authentication-Results are
+    believed only from the operator's trusted relays."""
     mode = settings.reply_auth
     if mode == "token":
         return AuthResult(True, "token", "token and guardian From address (no signature check)")
     if mode == "dkim":
         try:
-            return _dkim(msg, guardian, settings, raw)
+            return _dkim(msg, guardian, settings, raw, peer)
         except Exception as exc:  # never let a verifier bug approve or crash the pipeline
             return AuthResult(False, "dkim", f"verification error ({type(exc).__name__})")
     # Fail closed: a mode this build cannot verify approves nothing.
@@ -57,7 +61,7 @@ def authenticate_reply(
 
 
 def _dkim(msg: EmailMessage, guardian: Person, settings: Settings,
-          raw: bytes | None) -> AuthResult:
+          raw: bytes | None, peer: str) -> AuthResult:
     froms = msg.get_all("From", [])
     addresses = [a for _, a in getaddresses([str(v) for v in froms]) if a]
     if len(froms) != 1 or len(addresses) != 1:
@@ -74,6 +78,10 @@ def _dkim(msg: EmailMessage, guardian: Person, settings: Settings,
     sig = verify_dkim(data, domain)
     if sig.ok:
         return AuthResult(True, "dkim", _cut(f"DKIM verified by the broker: {sig.describe()}"))
+    if not from_trusted_relay(peer, settings.trusted_relays):
+        return AuthResult(False, "dkim", _cut(
+            f"no DKIM signature verified for {safe(domain)}: {sig.describe()}; "
+            "Authentication-Results not considered (not handed over by a trusted relay)"))
     ar = check_authentication_results(header_list(data), domain,
                                       settings.trusted_authserv_ids)
     if ar.ok:
@@ -82,6 +90,15 @@ def _dkim(msg: EmailMessage, guardian: Person, settings: Settings,
     return AuthResult(False, "dkim", _cut(
         f"no DKIM signature or trusted Authentication-Results for {safe(domain)}: "
         f"{sig.describe()}; {ar.describe()}"))
+
+
+def from_trusted_relay(peer: str, relays: tuple[str, ...]) -> bool:
+    """Is ``host:port`` (``[v6]:port``) one of the trusted relay addresses?"""
+    host = peer.rpartition(":")[0].strip("[]") if ":" in peer else peer
+    try:
+        return str(ipaddress.ip_address(host)) in relays
+    except ValueError:
+        return False
 
 
 def _cut(text: str) -> str:

@@ -125,7 +125,8 @@ def handle_reply(
 
     # Signatures are over the bytes as received: read them back from the content store
     # rather than re-serialising the parsed message.
-    auth = authenticate_reply(msg, guardian, rt.settings, raw=rt.content.get(inbound.raw_ref))
+    auth = authenticate_reply(msg, guardian, rt.settings, raw=rt.content.get(inbound.raw_ref),
+                              peer=inbound.peer)
     if not auth.ok:
         inbound.outcome = f"refused: authentication failed ({auth.detail})"
         # At most one such notice per record per hour: a forger retrying must not turn
