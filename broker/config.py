@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "broker.toml"
-# pgp verification is not built yet; until it is, it is not offered, so no home is
-# configured with a mode that would silently refuse every reply.
-AUTH_MODES = ("token", "dkim")
+AUTH_MODES = ("token", "dkim", "pgp")
 
 
 class ConfigError(Exception):
@@ -216,8 +214,9 @@ check_interval = 60
 #   token - the record's token and a guardian's From address (demo and tests only)
 #   dkim  - also a DKIM signature the broker verifies, with d= the From domain or a
 #           parent of it, or a trusted Authentication-Results (below)
-#   pgp   - also a valid OpenPGP signature by the guardian's registered key (not
-#           available yet)
+#   pgp   - also a valid OpenPGP signature (PGP/MIME or inline) by the guardian's
+#           key registered in the team file (pgp_key); commands are read only from
+#           the signed text
 authentication = "{auth}"
 # dkim mode: authserv-ids of YOUR OWN mail server (the first field of the
 # Authentication-Results header it adds, e.g. "mx.records.example") whose dkim=pass or

@@ -13,12 +13,14 @@ from click.testing import CliRunner, Result
 
 from broker.audit.log import record_event
 from broker.cli.records import records
-from broker.config import render_config
+from broker.config import load, render_config
 from broker.content.codec import document_to_bytes
 from broker.content.store import ContentStore
+from broker.crypto.vault import load_vault
 from broker.db.engine import Database
 from broker.db.models import Child, Delivery, Record
 from broker.mail.document import Attachment, Document, Paragraph
+from broker.runtime import open_vault
 
 
 @pytest.fixture
@@ -32,6 +34,7 @@ def home(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.setenv("BROKER_DATABASE_URL", db_url)
     monkeypatch.delenv("BROKER_HOME", raising=False)
+    open_vault(load(path))  # the content key; sealed columns need it registered
     return path
 
 
@@ -105,7 +108,7 @@ def ids(home: Path, db: Database) -> dict[str, int]:
     review, sam released."""
     with db.session() as s:
         s.add_all([Child(slug="sam", name="Sam"), Child(slug="alex", name="Alex")])
-    doc_ref = ContentStore(home / "content").put(document_to_bytes(DOC))
+    doc_ref = ContentStore(home / "content", load_vault(home)).put(document_to_bytes(DOC))
     out = {
         "held": add_record(
             db, child="sam", state="held", subject="OT progress report", received=at(3),

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import email
+import html
 import quopri
 import re
 from collections.abc import Iterator
@@ -198,7 +200,8 @@ CASES: dict[str, bytes] = {
             [
                 _plain(CLEAN_BODY),
                 (
-                    'Content-Type: text/plain; charset=utf-8; name="=?utf-8?Q?family_conflict.txt?="\r\n'
+                    "Content-Type: text/plain; charset=utf-8;\r\n"
+                    ' name="=?utf-8?Q?family_conflict.txt?="\r\n'
                     'Content-Disposition: attachment; filename="=?utf-8?B?'
                     + _b64("family conflict.txt")
                     + '?="\r\n'
@@ -262,14 +265,13 @@ def readings(data: bytes) -> list[str]:
         out.append(payload.decode("latin-1"))
         charset = part.get_content_charset()
         if charset:
-            try:
+            with contextlib.suppress(LookupError):
                 out.append(payload.decode(charset, "replace"))
-            except LookupError:
-                pass
     for part in modern.walk():
         out.extend(f"{k}: {v}" for k, v in part.items())
         if part.get_filename():
             out.append(part.get_filename())
+    out.extend([html.unescape(r) for r in out])  # an HTML part would be read this way
     return out
 
 
@@ -298,6 +300,9 @@ def test_encoded_phrase_never_released(world: World, case: str) -> None:
     _answer(world, preview, "APPROVE")
     copies = world.wait_for(lambda m: m.rcpt_tos[0] in SCHOOL, count=2)
     for copy in copies:
-        assert KEEP in copy.text() or any(KEEP in r for r in readings(copy.data))
+        seen = readings(copy.data)
+        assert any(KEEP in r for r in seen)
+        # The phrase was found (decoded) and replaced, not merely lost on the way.
+        assert any("[redacted]" in r for r in seen), case
         assert_no_phrase(copy)
     world.wait_state("released")

@@ -257,7 +257,7 @@ def test_modes(tmp_path: Path, keys: Keys) -> None:
     raw = _message()
     assert authenticate_reply(_parsed(raw), _guardian(), _settings(tmp_path, "token")).ok
     pgp = authenticate_reply(_parsed(raw), _guardian(), _settings(tmp_path, "pgp"))
-    assert not pgp.ok and "not available" in pgp.detail
+    assert not pgp.ok and pgp.method == "pgp" and "no OpenPGP key" in pgp.detail
     unsigned = authenticate_reply(_parsed(raw), _guardian(), _settings(tmp_path), raw=raw)
     assert not unsigned.ok and unsigned.method == "dkim"
     assert "no DKIM-Signature" in unsigned.detail
@@ -327,7 +327,12 @@ def test_init_accepts_auth_dkim_but_defaults_to_token(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert config.load(tmp_path / "b").reply_auth == "token"
     result = runner.invoke(cli, [*base, "--home", str(tmp_path / "c"), "--auth", "pgp"])
-    assert result.exit_code != 0
+    assert result.exit_code == 0, result.output
+    assert config.load(tmp_path / "c").reply_auth == "pgp"
+    # init also made the broker's OpenPGP key pair, private key readable by the owner only.
+    assert (tmp_path / "c" / "keys" / "broker-private.asc").stat().st_mode & 0o777 == 0o600
+    assert "BEGIN PGP PUBLIC KEY BLOCK" in (tmp_path / "c" / "keys" / "broker-public.asc"
+                                            ).read_text()
 
 
 # -- end-to-end stories ------------------------------------------------------------------

@@ -18,6 +18,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import func, select
 
 from broker import config
+from broker.crypto import vault as vaults
 from broker.db.engine import Database
 from broker.db.migrate import upgrade
 from broker.db.models import Inbound, Record
@@ -67,6 +68,8 @@ def setup(tmp_path: Path, db_url: str) -> Iterator[tuple[Daemon, Sink, int, Data
         config.render_config(domain=DOMAIN, listen=f"127.0.0.1:{port}",
                              relay=f"127.0.0.1:{relay_port}"))
     upgrade(db_url)
+    # The content key, as `broker init` makes it; registered so this process reads sealed columns.
+    vaults.register(db_url, vaults.create_keyring(home))
     db = Database(db_url)
     with db.session() as s:
         apply_team(s, parse_team(TEAM))

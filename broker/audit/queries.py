@@ -4,6 +4,12 @@ Plain SQLAlchemy in, plain dataclasses out, so the CLI (and later a web view) on
 formats. Every filter runs in SQL against the composite indexes of migration 0002:
 the log grows without bound and must never be scanned in Python. Rows are read as
 plain Core rows (no ORM identity map), which is several times cheaper per event.
+
+What was sent (subject, attachment names) is record content, so it is not in the audit
+log (append-only and hash-chained: it could never be re-encrypted). A "delivered" event
+names its delivery; the subject and attachments come from that delivery's sealed summary
+(deliveries.summary, opened with the home's content key), fetched in batches. Events
+written before sealing, which still carry a subject, are shown as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 from sqlalchemy import Row, Select, select
 from sqlalchemy.orm import Session
 
-from broker.db.models import AuditEvent, Child
+from broker.db.models import AuditEvent, Child, Delivery
 
 DELIVERED = "delivered"
 
@@ -121,11 +127,37 @@ def _loads(text: str, default: Any) -> Any:
         return default
 
 
-def _to_disclosure(row: Row[Any]) -> Disclosure:
+SUMMARY_BATCH = 500
+
+
+def _summaries(s: Session, delivery_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Opened summaries of these deliveries (sealed column), by id."""
+    out: dict[int, dict[str, Any]] = {}
+    unique = sorted(set(delivery_ids))
+    for i in range(0, len(unique), SUMMARY_BATCH):
+        chunk = unique[i : i + SUMMARY_BATCH]
+        for did, summary in s.execute(
+            select(Delivery.id, Delivery.summary).where(Delivery.id.in_(chunk))
+        ):
+            loaded = _loads(summary, {})
+            out[did] = loaded if isinstance(loaded, dict) else {}
+    return out
+
+
+def _delivery_id(desc: Any) -> int | None:
+    if isinstance(desc, dict) and isinstance(desc.get("delivery"), int):
+        return desc["delivery"]
+    return None
+
+
+def _to_disclosure(row: Row[Any], summary: dict[str, Any] | None = None) -> Disclosure:
     recipients = _loads(row.recipients, [])
     desc = _loads(row.description, {})
     if not isinstance(desc, dict):
         desc = {}
+    # What was sent lives in the sealed delivery summary; the event's own fields win
+    # (legacy events carry the subject themselves).
+    desc = {**(summary or {}), **desc}
     record_id = row.record_id
     if record_id is None and isinstance(desc.get("record"), int):
         record_id = desc["record"]
@@ -170,7 +202,13 @@ def disclosures(
     query = _filtered(
         select(TABLE).where(AuditEvent.action == DELIVERED), child, since, until, record_id
     )
-    return [_to_disclosure(row) for row in s.execute(query)]
+    rows = list(s.execute(query))
+    wanted = [d for row in rows if (d := _delivery_id(_loads(row.description, {}))) is not None]
+    summaries = _summaries(s, wanted) if wanted else {}
+    return [
+        _to_disclosure(row, summaries.get(_delivery_id(_loads(row.description, {})) or -1))
+        for row in rows
+    ]
 
 
 def events(

@@ -26,7 +26,15 @@ def open_broker(home: str | None) -> Broker:
         settings = config.load(config.resolve_home(home))
     except config.ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    return Broker(settings, Database(settings.database_url), ContentStore(settings.content_dir))
+    from broker.crypto.vault import VaultError
+    from broker.runtime import open_vault
+
+    try:
+        vault = open_vault(settings)
+    except VaultError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return Broker(settings, Database(settings.database_url),
+                  ContentStore(settings.content_dir, vault))
 
 
 home_option = click.option(

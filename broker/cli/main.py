@@ -14,7 +14,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from broker.cli import audit, demo, records, serve, setup, team
+    from broker.cli import audit, demo, key, records, serve, setup, team
 
     cli.add_command(setup.init)
     cli.add_command(setup.migrate)
@@ -24,6 +24,7 @@ def _register() -> None:
     cli.add_command(demo.demo)
     cli.add_command(audit.audit)
     cli.add_command(records.records)
+    cli.add_command(key.key)
 
 
 _register()

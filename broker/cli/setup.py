@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -37,8 +38,19 @@ def init(home: str, domain: str, listen: str, relay: str, auth: str) -> None:
     for folder in (settings.spool_dir, settings.content_dir):
         folder.mkdir(exist_ok=True, mode=0o700)
     upgrade(settings.database_url)
+    from broker.crypto import vault as vaults
+
+    content_key = vaults.key_path(path)
+    if not os.environ.get(vaults.ENV_VAR) and not content_key.exists():
+        vaults.create_keyring(path)  # encryption at rest: keys/content.key, mode 0600
+    click.echo(f"  content key: {content_key if content_key.exists() else vaults.ENV_VAR}")
+    from broker.crypto.keys import create_broker_key, key_paths
+
+    if not key_paths(path)[0].exists():
+        create_broker_key(path, settings.domain)
     click.echo(f"created {path}")
     click.echo(f"  settings: {cfg}")
+    click.echo(f"  OpenPGP key: {key_paths(path)[0]} (`broker key export` prints the public key)")
     click.echo(f"  database: {_safe_url(settings.database_url)}")
     click.echo("next: describe a child's team in a file and run `broker apply team.toml`")
 

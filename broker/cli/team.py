@@ -23,7 +23,8 @@ def apply_cmd(broker: Broker, team_file: str) -> None:
     """Create or update one child's team from TEAM_FILE (idempotent, audited)."""
     path = Path(team_file)
     try:
-        spec = parse_team(path.read_text(encoding="utf-8"), source=path.name)
+        spec = parse_team(path.read_text(encoding="utf-8"), source=path.name,
+                          base=path.resolve().parent)
     except TeamFileError as exc:
         raise click.ClickException(str(exc)) from exc
     with broker.db.session() as s:

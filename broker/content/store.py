@@ -2,26 +2,42 @@
 
 Everything that is a record's content - raw mail, the parsed document, drafts, every
 outbound copy - goes through ContentStore, and nothing else touches those bytes on
-disk. Encryption at rest wraps this class; callers do not change.
+disk.
 
-Content is addressed by SHA-256, written to a temporary file, fsync'd and renamed, so
-a reference that is in the database always points at complete bytes.
+Encryption at rest (DESIGN.md promise 7): every file is sealed by the home's vault
+(AES-256-GCM, broker.crypto.vault), and content is addressed by an HMAC-SHA256 of the
+plaintext under the vault's reference key, not by a bare SHA-256. Dedupe still works
+(same bytes, same reference), but nobody holding the disk or the database can confirm a
+guessed document by hashing it. The reference key does not change when content keys
+rotate, so references in the database stay valid; `get` checks that the opened bytes
+still match their reference (a file swapped for another sealed file is caught).
+
+Files are written to a temporary file, fsync'd and renamed, so a reference that is in
+the database always points at complete bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from broker.crypto.vault import SealError, Vault, blob_key_id, replace_file
 
 
 class ContentMissing(Exception):
     """A reference with no bytes behind it: the store was tampered with or lost."""
 
 
+class ContentCorrupt(SealError):
+    """Bytes that open but do not match their reference: swapped or damaged."""
+
+
 class ContentStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, vault: Vault) -> None:
         self.root = root
+        self.vault = vault
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _path(self, ref: str) -> Path:
@@ -30,10 +46,11 @@ class ContentStore:
         return self.root / ref[:2] / ref
 
     def put(self, data: bytes) -> str:
-        ref = hashlib.sha256(data).hexdigest()
+        ref = self.vault.ref(data)
         path = self._path(ref)
         if path.exists():
             return ref
+        data = self.vault.seal(data)
         path.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{ref}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -54,10 +71,42 @@ class ContentStore:
         return ref
 
     def get(self, ref: str) -> bytes:
+        """The plaintext behind ``ref``; SealError (wrong key, tampered) or ContentMissing."""
         try:
-            return self._path(ref).read_bytes()
+            blob = self._path(ref).read_bytes()
         except FileNotFoundError as exc:
             raise ContentMissing(ref) from exc
+        data = self.vault.open(blob)
+        if not hmac.compare_digest(self.vault.ref(data), ref):
+            raise ContentCorrupt(f"content {ref} does not match its reference")
+        return data
+
+    # -- key rotation ------------------------------------------------------------------------
+
+    def files(self) -> Iterator[Path]:
+        """Every stored content file (temporary leftovers excluded)."""
+        for sub in sorted(self.root.iterdir()):
+            if sub.is_dir() and len(sub.name) == 2:
+                for path in sorted(sub.iterdir()):
+                    if not path.name.startswith(".") and path.is_file():
+                        yield path
+
+    def key_id_of(self, path: Path) -> bytes | None:
+        with open(path, "rb") as f:
+            return blob_key_id(f.read(64))
+
+    def reseal(self, path: Path) -> bool:
+        """Re-seal one file under the current key (new file, fsync, rename); True if it
+        changed. Opening checks the bytes against their reference before anything is
+        written, so a damaged file is reported, never re-sealed as if it were good."""
+        blob = path.read_bytes()
+        if blob_key_id(blob) == self.vault.current.id:
+            return False
+        data = self.vault.open(blob)
+        if not hmac.compare_digest(self.vault.ref(data), path.name):
+            raise ContentCorrupt(f"content {path.name} does not match its reference")
+        replace_file(path, self.vault.seal(data))
+        return True
 
     def exists(self, ref: str) -> bool:
         return self._path(ref).exists()

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -39,6 +40,33 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=dt.UTC)
+
+
+class SealedText(TypeDecorator[str]):
+    """Text sealed with the home's content key (encryption at rest, broker.crypto.vault).
+
+    Python sees plaintext; the column holds base64 of an AES-256-GCM blob. A value written
+    before sealing existed (no vault header) is read as it is; `broker key rotate` seals it.
+    Equality filters on these columns cannot work (every seal differs): none are used."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect):
+        if value is None:
+            return None
+        from broker.crypto import vault
+
+        return vault.registered(getattr(dialect, "broker_url", None)).seal_text(value)
+
+    def process_result_value(self, value: str | None, dialect):
+        if value is None:
+            return None
+        from broker.crypto import vault
+
+        if not vault.is_sealed_text(value):
+            return value
+        return vault.registered(getattr(dialect, "broker_url", None)).open_text(value)
 
 
 def utcnow() -> dt.datetime:
@@ -76,6 +104,11 @@ class Person(Base):
     tags: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # OpenPGP (team file): the armored public key, the team file's revocation flag (pgpy
+    # ignores revocations) and whether this member must never receive plaintext.
+    pgp_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pgp_key_revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    require_encryption: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     child: Mapped[Child] = relationship(back_populates="people")
 
@@ -116,7 +149,7 @@ class Record(Base):
     state: Mapped[str] = mapped_column(String(24), index=True)
     sender_email: Mapped[str] = mapped_column(String(320))
     sender_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"), nullable=True)
-    subject: Mapped[str] = mapped_column(Text, default="")
+    subject: Mapped[str] = mapped_column(SealedText, default="")  # sealed: record content
     raw_ref: Mapped[str] = mapped_column(String(128))
     raw_sha256: Mapped[str] = mapped_column(String(64))
     doc_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -165,7 +198,8 @@ class Delivery(Base):
     content_ref: Mapped[str] = mapped_column(String(128))
     sha256: Mapped[str] = mapped_column(String(64))
     # For the audit when a release copy is delivered: subject, attachments, released_by.
-    summary: Mapped[str] = mapped_column(Text, default="{}")
+    # Sealed (SealedText): it names the subject and attachments.
+    summary: Mapped[str] = mapped_column(SealedText, default="{}")
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

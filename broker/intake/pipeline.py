@@ -23,7 +23,10 @@ from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
 from broker.content.codec import document_to_bytes
+from broker.crypto.keys import broker_private_key
+from broker.crypto.outbound import withheld
 from broker.db.models import Child, Inbound, Person, Record
+from broker.intake.pgpin import open_record, open_reply
 from broker.intake.spool import SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
@@ -42,7 +45,8 @@ log = logging.getLogger(__name__)
 class Pipeline:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.notifier = Notifier(rt.content, rt.settings.domain)
+        self.notifier = Notifier(rt.content, rt.settings.domain,
+                                 signer=broker_private_key(rt.settings.home))
 
     def run_once(self, limit: int = 100) -> int:
         entries = self.rt.spool.pending(limit)
@@ -134,6 +138,8 @@ class Pipeline:
             inbound = self._inbound(s, entry, raw, kind="reply")
             msg = email.message_from_bytes(raw, policy=policy.default)
             assert isinstance(msg, EmailMessage)
+            # A reply encrypted to the broker's key is read decrypted (in memory only).
+            msg = open_reply(raw, self.notifier.signer) or msg
             handle_reply(s, self.rt, self.notifier, inbound, msg, env.mail_from,
                          list(dict.fromkeys(addr_tokens + ref_tokens)))
             return
@@ -148,7 +154,7 @@ class Pipeline:
             return
         inbound = self._inbound(s, entry, raw, kind="record")
         for child in children:
-            self._new_record(s, entry, inbound, child, headers, from_addr)
+            self._new_record(s, entry, inbound, child, headers, from_addr, raw=raw)
 
     def _is_any_guardian(self, s: Session, address: str) -> bool:
         return address != "" and s.scalar(
@@ -166,6 +172,7 @@ class Pipeline:
         child: Child,
         headers: EmailMessage,
         from_addr: str,
+        raw: bytes = b"",
     ) -> None:
         env = entry.envelope
         subject = " ".join(str(headers.get("Subject", "")).split())
@@ -182,7 +189,9 @@ class Pipeline:
         record_event(
             s, action="received", actor=from_addr or "<>", actor_role="sender",
             child=child.slug, record_id=record.id,
-            description={"subject": subject, "sender": from_addr, "sha256": inbound.sha256,
+            # No subject: the audit is append-only and can never be re-encrypted, so it
+            # holds references and metadata only (records.subject is sealed).
+            description={"sender": from_addr, "sha256": inbound.sha256,
                          "size": inbound.size, "envelope_from": env.mail_from},
         )
 
@@ -201,24 +210,40 @@ class Pipeline:
             self._quarantine(s, record, "mail from a guardian to the list address is not "
                              "forwarded; guardians decide by replying to review requests")
             return
+        # OpenPGP: decrypt mail encrypted to the broker and verify the member's signature;
+        # decrypted plaintext is parsed from memory, never written anywhere.
+        opened = open_record(raw, self.notifier.signer, sender)
+        if opened.error:
+            self._quarantine(s, record, opened.error)
+            return
         try:
-            doc = parse_message(entry.eml_path)
+            if opened.message is not None:
+                doc = parse_message(opened.message)
+            else:
+                # The spool file is sealed: the parser reads an in-memory plaintext copy.
+                with self.rt.spool.message_file(entry.id) as eml_path:
+                    doc = parse_message(eml_path)
         except ParseFailed as exc:
             self._quarantine(s, record, f"malformed message: it could not be read ({exc})")
             return
 
         record.sender_id = sender.id
         record.doc_ref = self.rt.content.put(document_to_bytes(doc))
-        record.hold_reasons = json.dumps(hold_reasons(sender))
+        record.hold_reasons = json.dumps(hold_reasons(sender) + list(opened.notes))
         record.expires_at = received_at + dt.timedelta(days=self.rt.settings.hold_days)
         transition(s, record, states.HELD, actor="broker", actor_role="broker",
                    description={"sender": from_addr, "sender_role": sender.role,
                                 "reasons": json.loads(record.hold_reasons),
                                 "paragraphs": len(doc.paragraphs),
-                                "attachments": [a.filename for a in doc.attachments]})
+                                # a count: filenames are content (never in the audit)
+                                "attachments": len(doc.attachments)})
 
         team = s.scalars(select(Person).where(Person.child_id == child.id)).all()
         recipients = default_recipients(sender.role, team)
+        if blocked := [f"{p.name} <{p.email}> {why}: nothing will be sent to them (TO the "
+                       "others, or have the operator fix the key)"
+                       for p in recipients if (why := withheld(p))]:
+            record.hold_reasons = json.dumps(json.loads(record.hold_reasons) + blocked)
         token = tokens.issue(s, record, record.expires_at)
         sent_to = self.notifier.review_request(s, record, doc, token, recipients, sender)
         transition(s, record, states.AWAITING_REVIEW, actor="broker", actor_role="broker",

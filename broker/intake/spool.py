@@ -10,8 +10,17 @@ once the message and its envelope are on stable storage. Layout, one flat direct
 An ``.eml`` without its ``.json`` is a half-written leftover: it was never acknowledged, is never
 handed out by :meth:`Spool.pending`, and :meth:`Spool.cleanup_partial` deletes it at start-up.
 
-This module is the single place where message bytes touch the disk, so that encryption at rest
-(issue 3) can wrap them here: see :meth:`Spool._seal` and :meth:`Spool._unseal`.
+This module is the single place where message bytes touch the disk, and encryption at rest wraps
+them here (:meth:`Spool._seal`, :meth:`Spool._unseal`): with a vault, ``<id>.eml`` holds an
+AES-256-GCM blob (broker.crypto.vault), never the message. The parser, which reads a file rather
+than bytes (memory), gets the plaintext through :func:`plaintext_file`: an anonymous in-memory
+file (memfd), so no plaintext copy is ever written to a disk.
+
+The envelope keeps ``size`` and ``sha256`` of the plaintext message. The hash of a whole mail
+(with its Message-ID, Date and MIME boundaries) cannot be guessed and checked, and it is the same
+metadata the database keeps for every inbound message and the audit's "received" event (the
+hash that proves which mail arrived), so hiding it here alone would protect nothing; it stays,
+and still catches damage after opening. The GCM tag authenticates the sealed bytes as well.
 """
 
 from __future__ import annotations
@@ -33,7 +42,12 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from broker.crypto.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +193,15 @@ class Spool:
     """
 
     def __init__(
-        self, root: Path, *, commit: CommitMode = "batch", batch_window: float = 0.0
+        self, root: Path, *, commit: CommitMode = "batch", batch_window: float = 0.0,
+        vault: Vault | None = None,
     ) -> None:
         if commit not in ("batch", "each"):
             raise ValueError(f"unknown commit mode {commit!r}")
         self.root = Path(root)
         self.commit = commit
+        # Seals message bytes at rest; None only for the stand-alone intake (bench, tests).
+        self.vault = vault
         # Extra seconds the batch writer waits for company; 0 = batch whatever queued up while
         # the previous flush ran (already a few ms under load, nothing when idle).
         self.batch_window = batch_window
@@ -202,12 +219,43 @@ class Spool:
     # -- the encryption-at-rest seam (issue 3) -------------------------------------------------
 
     def _seal(self, data: bytes) -> bytes:
-        """Turn raw message bytes into what goes on disk. Identity until issue 3 lands."""
-        return data
+        """Turn raw message bytes into what goes on disk: sealed by the vault."""
+        return self.vault.seal(data) if self.vault is not None else data
 
     def _unseal(self, blob: bytes) -> bytes:
-        """Inverse of :meth:`_seal`."""
-        return blob
+        """Inverse of :meth:`_seal`. A message spooled before sealing existed (no vault
+        header) is read as it is; the envelope's size and hash still vouch for it."""
+        from broker.crypto.vault import is_sealed
+
+        if self.vault is None or not is_sealed(blob):
+            return blob
+        return self.vault.open(blob)
+
+    def message_files(self) -> list[Path]:
+        """Every message file, queued or set aside (for key rotation and status)."""
+        out = [self.root / n for n in sorted(os.listdir(self.root)) if n.endswith(".eml")]
+        damaged = self.root / "damaged"
+        if damaged.is_dir():
+            out += [damaged / n for n in sorted(os.listdir(damaged)) if n.endswith(".eml")]
+        return out
+
+    def reseal(self, path: Path) -> bool:
+        """Re-seal one message file under the current key: new file, fsync, rename.
+        True if it changed; a file removed meanwhile (taken in) is skipped."""
+        from broker.crypto.vault import blob_key_id, replace_file
+
+        assert self.vault is not None
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return False
+        if blob_key_id(blob) == self.vault.current.id:
+            return False
+        sealed = self._seal(self._unseal(blob))
+        if not path.exists():
+            return False
+        replace_file(path, sealed, _FILE_MODE)
+        return True
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -400,6 +448,16 @@ class Spool:
             raise SpoolCorrupt(f"spool message {spool_id} does not match its envelope")
         return data
 
+    @contextlib.contextmanager
+    def message_file(self, spool_id: str) -> Iterator[Path]:
+        """A file path holding the plaintext of a committed message, for parsers that read
+        files: the spool file itself when nothing is sealed, else an in-memory copy."""
+        if self.vault is None:
+            yield self._path(spool_id, ".eml")
+            return
+        with plaintext_file(self.read(spool_id)) as path:
+            yield path
+
     # -- removal ---------------------------------------------------------------------------------
 
     def set_aside(self, spool_id: str) -> Path:
@@ -456,6 +514,23 @@ class Spool:
         if not _ID_RE.match(spool_id):
             raise ValueError(f"not a spool id: {spool_id!r}")
         return self.root / f"{spool_id}{suffix}"
+
+
+@contextlib.contextmanager
+def plaintext_file(data: bytes) -> Iterator[Path]:
+    """A path to read ``data`` from as a file, backed by memory only (never a disk).
+
+    Linux memfd: the parser gets a real file to read (its lower peak memory) while the
+    plaintext of a sealed message never lands in the spool or a temporary directory."""
+    fd = os.memfd_create("broker-message", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -46,8 +46,13 @@ def _sender(from_header: str) -> tuple[str, str]:
     return name, addr.strip().lower()
 
 
-def _from_mailparser(path: Path) -> tuple[str, str, str, str, list[str], list[str], list[_Part]]:
-    m = mailparser.parse_from_file(str(path))
+def _from_mailparser(
+    source: Path | bytes,
+) -> tuple[str, str, str, str, list[str], list[str], list[_Part]]:
+    if isinstance(source, bytes | bytearray):
+        m = mailparser.parse_from_bytes(bytes(source))
+    else:
+        m = mailparser.parse_from_file(str(source))
     msg = m.message
     name, addr = _sender(str(msg.get("From", "")))
     if m.from_:
@@ -85,12 +90,15 @@ def _from_stdlib(raw: bytes) -> tuple[str, str, str, str, list[str], list[str], 
     return str(msg.get("Subject", "")), name, addr, str(msg.get("Date", "")), plain, html, parts
 
 
-def parse_message(path: Path) -> Document:
+def parse_message(path: Path | bytes) -> Document:
+    """Parse the spooled file at ``path``; or bytes in memory, for decrypted mail, whose
+    plaintext must never be written to disk."""
     try:
         subject, name, addr, date, plain, html, parts = _from_mailparser(path)
     except Exception:
         try:
-            subject, name, addr, date, plain, html, parts = _from_stdlib(path.read_bytes())
+            raw = bytes(path) if isinstance(path, bytes | bytearray) else path.read_bytes()
+            subject, name, addr, date, plain, html, parts = _from_stdlib(raw)
         except Exception as exc:
             raise ParseFailed(type(exc).__name__) from exc
     text = "\n\n".join(p for p in plain if p.strip())

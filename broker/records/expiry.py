@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from broker.crypto.keys import broker_private_key
 from broker.db.models import Record, utcnow
 from broker.records import states
 from broker.records.transitions import transition
@@ -14,7 +15,7 @@ from broker.runtime import Runtime
 
 
 def expire_due(rt: Runtime, limit: int = 200) -> int:
-    notifier = Notifier(rt.content, rt.settings.domain)
+    notifier = Notifier(rt.content, rt.settings.domain, signer=broker_private_key(rt.settings.home))
     now = utcnow()
     with rt.db.session() as s:
         due = s.scalars(

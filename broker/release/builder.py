@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session
 
 from broker.content.store import ContentStore
+from broker.crypto.outbound import EncryptionRequired, protect, withheld
 from broker.db.models import Person, Record, utcnow
 from broker.mail import compose as mc
 from broker.mail.document import ReleaseContent
@@ -27,8 +28,17 @@ def queue_release(
     content: ReleaseContent,
     recipients: Sequence[Person],
     released_by: Person,
+    signer: str | None = None,
 ) -> dict[str, str]:
-    """Queues the copies; returns recipient -> sha256 of the exact bytes queued."""
+    """Queues the copies; returns recipient -> sha256 of the exact bytes queued.
+
+    Each copy is signed with ``signer`` (the broker's OpenPGP key) and encrypted to the
+    recipient's key where one is usable. A recipient who requires encryption and has no
+    usable key raises EncryptionRequired before anything is queued: the caller checks
+    (:func:`broker.crypto.outbound.withheld`) and refuses the approval first."""
+    blocked = [f"{p.email} {why}" for p in recipients if (why := withheld(p))]
+    if blocked:
+        raise EncryptionRequired("; ".join(blocked))
     child = record.child
     released_at = utcnow()
     text = render.render_release(
@@ -53,12 +63,15 @@ def queue_release(
             to=person.email, to_name=person.name, subject=content.subject or "(no subject)",
             text=text, attachments=content.attachments, date=released_at,
         )
+        sealed = protect(data, person, signer)
+        openpgp = ("encrypted to " + (sealed.fingerprint or "") if sealed.encrypted
+                   else "signed" if sealed.signed else "none")
         delivery = enqueue(
-            s, content_store, kind="release", recipient=person.email, data=data,
+            s, content_store, kind="release", recipient=person.email, data=sealed.data,
             message_id=mc.release_message_id(record.id, person.email, domain),
             child_id=child.id, record_id=record.id, person_id=person.id,
             dedupe_key=f"release:{record.id}:{person.email}",
-            summary={**summary, "recipient_name": person.name},
+            summary={**summary, "recipient_name": person.name, "openpgp": openpgp},
         )
         hashes[person.email] = delivery.sha256
     return hashes

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
+from broker.crypto.keys import broker_private_key
 from broker.db.models import Delivery, Person, Record
 from broker.db.models import utcnow as _utcnow
 from broker.mail.compose import bounce_address
@@ -50,7 +51,8 @@ class OutboxSender:
     def __init__(self, rt: Runtime, batch: int = 50) -> None:
         self.rt = rt
         self.batch = batch
-        self.notifier = Notifier(rt.content, rt.settings.domain)
+        self.notifier = Notifier(rt.content, rt.settings.domain,
+                                 signer=broker_private_key(rt.settings.home))
 
     def claim(self) -> list[Claimed]:
         now = utcnow()
@@ -108,8 +110,12 @@ class OutboxSender:
                 record_event(
                     s, action="delivered", actor=BROKER_ACTOR, actor_role="broker",
                     child=record.child.slug, record_id=record.id, recipients=[row.recipient],
+                    # Subject and attachment names stay in the sealed delivery summary
+                    # (the audit can never be re-encrypted); `broker audit` joins to it.
                     description={"record": record.id, "delivery": row.id,
-                                 "message_id": row.message_id, "sha256": row.sha256, **summary},
+                                 "message_id": row.message_id, "sha256": row.sha256,
+                                 **{k: v for k, v in summary.items()
+                                    if k not in ("subject", "attachments")}},
                 )
                 self._settle(s, record)
         log.info("delivery %s sent", item.id)

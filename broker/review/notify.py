@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker.audit.log import record_event
 from broker.content.store import ContentStore
+from broker.crypto.outbound import protect, withheld
 from broker.db.models import Child, Person, Record, utcnow
 from broker.mail import compose as mc
 from broker.mail.document import Document, ReleaseContent
@@ -42,9 +44,12 @@ def as_shown(people: Sequence[Person]) -> tuple[render.Person, ...]:
 class Notifier:
     """Binds the content store and domain so call sites stay short."""
 
-    def __init__(self, content: ContentStore, domain: str) -> None:
+    def __init__(self, content: ContentStore, domain: str, signer: str | None = None) -> None:
         self.content = content
         self.domain = domain
+        # The broker's armored OpenPGP private key: everything queued here is signed with
+        # it (and encrypted to recipients with a usable key); None: unsigned.
+        self.signer = signer
 
     def review_request(
         self,
@@ -157,6 +162,16 @@ class Notifier:
         message_id: str,
     ) -> None:
         person = to if isinstance(to, Person) else None
+        reason = withheld(person)
+        if reason is not None:
+            # A member who must never receive plaintext and has no usable key gets nothing.
+            assert person is not None
+            record_event(s, action="mail_withheld", actor="broker", actor_role="broker",
+                         child=(record.child.slug if record else child.slug if child else ""),
+                         record_id=record.id if record else None, recipients=[person.email],
+                         description={"kind": kind, "reason": reason})
+            return
+        data = protect(data, person, self.signer).data
         enqueue(
             s, self.content, kind=kind, recipient=person.email if person else str(to), data=data,
             message_id=message_id,

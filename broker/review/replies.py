@@ -24,6 +24,7 @@ from broker.content.codec import (
     draft_from_bytes,
     draft_to_bytes,
 )
+from broker.crypto.outbound import withheld
 from broker.db.models import AuditEvent, Inbound, Person, Record, Token, utcnow
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
@@ -70,7 +71,8 @@ def handle_reply(
             s, action=action, actor=from_addr or "<>", actor_role=role, child=(
                 record.child.slug if record else ""),
             record_id=record.id if record else None,
-            description={"inbound": inbound.id, "subject": subject, **desc},
+            # No subject (content; the audit can never be re-encrypted): the inbound id.
+            description={"inbound": inbound.id, **desc},
         )
 
     role = "unknown"
@@ -143,14 +145,16 @@ def handle_reply(
                 detail=auth.detail), subject=record.subject, record=record)
         return
 
-    reply = extract_reply_from_message(msg)
+    # pgp mode: commands are read only from what the guardian's key signed.
+    reply = extract_reply_from_message(auth.message if auth.message is not None else msg)
     parsed = parse_commands(reply.text)
     # Help and "not understood" answers keep the same live token, so the guardian can
     # simply answer them with the commands.
     review_to = mc.review_address(token_text, rt.settings.domain)
     if parsed.problems:
         inbound.outcome = "not understood; nothing changed"
-        audit("reply_not_understood", record, problems=list(parsed.problems),
+        # A count: each parse problem quotes a line of the reply (content, never audited).
+        audit("reply_not_understood", record, problems=len(parsed.problems),
               auth=auth.method)
         notifier.notice(s, child, guardian, "not_understood", render.render_not_understood(
             child_name=child.name, record_id=record.id, problems=tuple(parsed.problems)),
@@ -296,7 +300,8 @@ def _preview(
     notifier.preview(s, record, content, token, recipients, guardian, decision.also_approved)
     transition(s, record, states.AWAITING_REVIEW, actor=guardian.email, actor_role="guardian",
                action="preview", recipients=[guardian.email],
-               description={"version": record.version, "changes": list(decision.summary),
+               # Counts only: the change list quotes removed phrases, filenames and notes.
+               description={"version": record.version,
                             **_counts(decision.draft), "auth": auth})
 
 
@@ -320,6 +325,27 @@ def _release(
                      actor_role="guardian", child=record.child.slug, record_id=record.id,
                      description={"problems": ["no recipients"]})
         return "not released: no recipients"
+    blocked = [(p, why) for p in recipients if (why := withheld(p))]
+    if blocked:
+        # A member who must never receive plaintext has no usable key: releasing to the
+        # others only would send something other than what was approved, so nothing is
+        # released; the token stays live so the guardian can answer with TO (or the
+        # operator fixes the key and the guardian approves again).
+        names = [f"{p.name} <{p.email}> {why}" for p, why in blocked]
+        notifier.notice(s, record.child, guardian, "not_understood",
+                        render.render_not_understood(
+                            child_name=record.child.name, record_id=record.id,
+                            problems=tuple(f"Not released: {n}, so they cannot be sent this "
+                                           "record. Reply with TO and the other team members, "
+                                           "or ask the operator to fix the key, then APPROVE."
+                                           for n in names)),
+                        subject=record.subject, record=record)
+        record_event(s, action="reply_not_understood", actor=guardian.email,
+                     actor_role="guardian", child=record.child.slug, record_id=record.id,
+                     recipients=[p.email for p, _ in blocked],
+                     description={"problems": ["recipient requires encryption, no usable key"],
+                                  "blocked": [f"{p.email} {why}" for p, why in blocked]})
+        return "not released: a recipient requires encryption and has no usable key"
     content = apply_draft(doc, draft)
     tokens.close_all(s, record, "used")
     record.decided_at = utcnow()
@@ -330,11 +356,12 @@ def _release(
                description={"version": record.version, **_counts(draft), "auth": auth,
                             "consent": "explicit approval by the guardian"})
     hashes = queue_release(s, rt.content, rt.settings.domain, record, content, recipients,
-                           guardian)
+                           guardian, signer=notifier.signer)
     transition(s, record, states.RELEASING, actor="broker", actor_role="broker",
                recipients=emails,
-               description={"copies": hashes, "subject": content.subject,
-                            "attachments": [a.filename for a in content.attachments]})
+               # What was sent (subject, attachment names) is in each delivery's sealed
+               # summary; `broker audit` opens it. The audit keeps the copies' hashes.
+               description={"copies": hashes, "attachments": len(content.attachments)})
     for g in guardians(s, record.child):
         notifier.notice(s, record.child, g, "decided_released", render.render_decided(
             child_name=record.child.name, record_id=record.id, subject=record.subject,

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
+from broker.crypto import pgp
 from broker.db.models import Child, Person
 from broker.team.spec import TeamSpec
 
@@ -49,19 +50,25 @@ def apply_team(s: Session, spec: TeamSpec, actor: str = OPERATOR) -> list[str]:
         person = existing.get(email)
         if person is None:
             s.add(Person(child_id=child.id, role=p.role, name=p.name, email=email, tags=tags,
-                         active=True))
+                         active=True, pgp_key=p.pgp_key, pgp_key_revoked=p.pgp_key_revoked,
+                         require_encryption=p.require_encryption))
             changes.append(f"{p.role} {email} added")
             _audit(s, spec.slug, actor, "person_added",
-                   {"email": email, "name": p.name, "role": p.role, "tags": list(p.tags)})
+                   {"email": email, "name": p.name, "role": p.role, "tags": list(p.tags),
+                    **_pgp_audit(p.pgp_key, p.pgp_key_revoked, p.require_encryption)})
             continue
         diff = {}
-        for key, value in (("role", p.role), ("name", p.name), ("tags", tags), ("active", True)):
+        for key, value in (("role", p.role), ("name", p.name), ("tags", tags), ("active", True),
+                           ("pgp_key", p.pgp_key), ("pgp_key_revoked", p.pgp_key_revoked),
+                           ("require_encryption", p.require_encryption)):
             if getattr(person, key) != value:
                 diff[key] = value
                 setattr(person, key, value)
         if diff:
             changes.append(f"{p.role} {email} updated: {', '.join(sorted(diff))}")
             shown = {k: (json.loads(v) if k == "tags" else v) for k, v in diff.items()}
+            if "pgp_key" in shown:  # the fingerprint, not the whole armored key
+                shown["pgp_key"] = _pgp_audit(p.pgp_key, False, False)["pgp_key"]
             _audit(s, spec.slug, actor, "person_updated", {"email": email, **shown})
     for email, person in existing.items():
         if email not in wanted and person.active:
@@ -70,6 +77,16 @@ def apply_team(s: Session, spec: TeamSpec, actor: str = OPERATOR) -> list[str]:
             _audit(s, spec.slug, actor, "person_removed", {"email": email, "role": person.role})
     s.flush()
     return changes
+
+
+def _pgp_audit(key: str | None, revoked: bool, required: bool) -> dict:
+    if not key and not required:
+        return {}
+    try:
+        fpr = pgp.fingerprint(key) if key else None
+    except pgp.PGPError:
+        fpr = "unreadable"
+    return {"pgp_key": fpr, "pgp_key_revoked": revoked, "require_encryption": required}
 
 
 def _audit(s: Session, child: str, actor: str, action: str, description: dict) -> None:

@@ -11,6 +11,9 @@ import re
 import tomllib
 from dataclasses import dataclass
 from email.utils import parseaddr
+from pathlib import Path
+
+from broker.crypto import pgp
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 TAG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
@@ -28,6 +31,9 @@ class PersonSpec:
     email: str
     role: str  # guardian | provider | school
     tags: tuple[str, ...] = ()
+    pgp_key: str | None = None  # armored public key, read from the file pgp_key names
+    pgp_key_revoked: bool = False
+    require_encryption: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,42 @@ def _str(entry: dict, key: str, where: str, required: bool = True) -> str | None
     return value.strip()
 
 
-def parse_team(text: str, source: str = "team file") -> TeamSpec:
+def _flag(entry: dict, key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise TeamFileError(f"{where}: `{key}` must be true or false")
+    return value
+
+
+def _pgp(entry: dict, where: str, base: Path | None) -> tuple[str | None, bool]:
+    """The armored public key named by `pgp_key` (relative to the team file) and the
+    `pgp_key_revoked` flag. Expired keys are accepted here (the broker refuses them when
+    it would use them); a missing file, a private key or no key at all are errors."""
+    revoked = _flag(entry, "pgp_key_revoked", where)
+    name = _str(entry, "pgp_key", where, required=False)
+    if name is None:
+        if revoked:
+            raise TeamFileError(f"{where}: `pgp_key_revoked` without `pgp_key`")
+        return None, False
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TeamFileError(f"{where}: pgp_key {name!r} cannot be read ({exc})") from exc
+    if "PRIVATE KEY BLOCK" in text:
+        raise TeamFileError(f"{where}: pgp_key {name!r} is a private key; give the public key")
+    try:
+        pgp.fingerprint(text)
+    except pgp.PGPError as exc:
+        raise TeamFileError(f"{where}: pgp_key {name!r} is not an OpenPGP public key "
+                            f"({exc})") from exc
+    return text, revoked
+
+
+def parse_team(text: str, source: str = "team file", base: Path | None = None) -> TeamSpec:
+    """``base``: the folder `pgp_key` paths are relative to (the team file's folder)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -92,8 +133,10 @@ def parse_team(text: str, source: str = "team file") -> TeamSpec:
     guardians: list[PersonSpec] = []
     for i, g in enumerate(raw.get("guardians", []), start=1):
         where = f"{source} [[guardians]] #{i}"
+        key, revoked = _pgp(g, where, base)
         guardians.append(
-            PersonSpec(_str(g, "name", where) or "", _email(g.get("email"), where), "guardian")
+            PersonSpec(_str(g, "name", where) or "", _email(g.get("email"), where), "guardian",
+                       pgp_key=key, pgp_key_revoked=revoked)
         )
     if not guardians:
         raise TeamFileError(f"{source}: at least one [[guardians]] entry is required")
@@ -107,9 +150,11 @@ def parse_team(text: str, source: str = "team file") -> TeamSpec:
         tags = m.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) and TAG.match(t) for t in tags):
             raise TeamFileError(f"{where}: tags must be a list of lower-case words")
+        key, revoked = _pgp(m, where, base)
         members.append(
             PersonSpec(_str(m, "name", where) or "", _email(m.get("email"), where), role,
-                       tuple(dict.fromkeys(tags)))
+                       tuple(dict.fromkeys(tags)), pgp_key=key, pgp_key_revoked=revoked,
+                       require_encryption=_flag(m, "require_encryption", where))
         )
 
     seen: dict[str, str] = {}

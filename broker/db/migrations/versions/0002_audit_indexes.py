@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-23 10:00:00.000000
+Create Date: 2026-11-22 23:20:00.000000
 
 The audit log only grows; these let a parent's questions ("who got Sam's records in
 March?") be answered from an index instead of a scan of the whole log.

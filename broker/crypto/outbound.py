@@ -1,0 +1,67 @@
+"""OpenPGP for the broker's outbound mail: every message it sends goes through :func:`protect`.
+
+- recipient with a usable key: PGP/MIME encrypted to that key (and to nobody else), signed by
+  the broker, with the Subject protected (the outer Subject is ``...``; clients show the
+  inner one);
+- otherwise: PGP/MIME signed by the broker (multipart/signed), when the home has a key;
+- a member with ``require_encryption`` and no usable key gets nothing: :func:`withheld`
+  says why, and callers must not queue (``protect`` raises :class:`EncryptionRequired`).
+
+Routing headers, including Message-ID, stay on the outer message, so a resend after a
+crash still carries the same Message-ID.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+from broker.crypto import pgpmime
+from broker.crypto.keys import person_key
+from broker.db.models import Person
+
+
+class EncryptionRequired(Exception):
+    """A member who must never receive plaintext has no usable key."""
+
+
+@dataclass(frozen=True)
+class Protected:
+    data: bytes
+    encrypted: bool
+    signed: bool
+    fingerprint: str | None = None  # the recipient key encrypted to
+
+
+def withheld(person: Person | None) -> str | None:
+    """Why nothing may be sent to ``person`` (require_encryption, no usable key), or None."""
+    if person is None or not person.require_encryption:
+        return None
+    state = person_key(person.pgp_key, person.pgp_key_revoked)
+    return None if state.usable else f"requires encryption and {state.problem}"
+
+
+def protect(data: bytes, person: Person | None, signer: str | None) -> Protected:
+    """The bytes to queue for ``person`` (None: an address that is not on a team)."""
+    state = person_key(person.pgp_key, person.pgp_key_revoked) if person is not None else None
+    if state is None or not state.usable:
+        if person is not None and person.require_encryption:
+            raise EncryptionRequired(f"{person.email} {withheld(person)}")
+        if signer is None:
+            return Protected(data, False, False)
+        msg = _parse(data)
+        return Protected(pgpmime.sign_message(msg, signer).as_bytes(policy=policy.SMTP),
+                         False, True)
+    assert state.key is not None
+    msg = _parse(data)
+    out = pgpmime.encrypt_message(msg, signer, [state.key], protect_subject=True)
+    return Protected(out.as_bytes(policy=policy.SMTP), True, signer is not None,
+                     state.key.fingerprint)
+
+
+def _parse(data: bytes) -> EmailMessage:
+    msg = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(msg, EmailMessage)
+    return msg
