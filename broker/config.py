@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,24 @@ class RelaySettings:
     username: str = ""
     password: str = ""
     timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one message or one client may ask of the broker. At SMTP: connections per
+    client address (421), recipients per message (452), header fields and header field
+    length (552); message size is smtp.max_message_size (552). In the pipeline: MIME depth,
+    MIME parts and attachments (the record is quarantined with the reason)."""
+
+    max_headers: int = 500
+    max_header_length: int = 8 * 1024
+    max_mime_depth: int = 20
+    max_mime_parts: int = 200
+    max_attachments: int = 50
+    max_recipients: int = 100
+    connections_per_address: int = 20
+    limit_loopback: bool = True
+    notices_per_address_per_day: int = 50
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,8 @@ class Settings:
     give_up_after: float = 3 * 24 * 3600
     # How often the timer looks for expired holds, in seconds.
     expiry_interval: float = 60.0
+    # [limits]: hostile or broken input gets a clear answer, never a crash (see the template).
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def spool_dir(self) -> Path:
@@ -126,7 +146,8 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
     url = os.environ.get("BROKER_DATABASE_URL") or need(db, "url", str, "database.") or ""
     hold = raw.get("hold", {})
     replies = raw.get("replies", {})
-    auth = need(replies, "authentication", str, "replies.") or "token"
+    # Missing: the default `broker init` writes (token mode must be chosen explicitly).
+    auth = need(replies, "authentication", str, "replies.") or "dkim"
     if auth not in AUTH_MODES:
         raise ConfigError(
             f"{source}: replies.authentication must be one of {', '.join(AUTH_MODES)}, got {auth!r}"
@@ -155,6 +176,7 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
     ):
         raise ConfigError(f"{source}: outbox.retry_schedule must be a list of seconds")
     size = need(smtp, "max_message_size", int, "smtp.") or 25 * 1024 * 1024
+    limits = _limits(raw.get("limits", {}), source)
     return Settings(
         home=home,
         domain=domain.lower(),
@@ -171,7 +193,28 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         retry_schedule=tuple(float(s) for s in schedule) if schedule else Settings.retry_schedule,
         give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
         expiry_interval=need(hold, "check_interval", float, "hold.") or 60.0,
+        limits=limits,
     )
+
+
+def _limits(section: object, source: str) -> Limits:
+    """[limits]: every key optional; each a positive integer (limit_loopback a boolean)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: [limits] must be a table")
+    known = {f.name: f.default for f in fields(Limits)}
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        if key not in known:
+            raise ConfigError(f"{source}: limits.{key} is not a known limit "
+                              f"(known: {', '.join(known)})")
+        if isinstance(known[key], bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: limits.{key} must be true or false")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source}: limits.{key} must be a positive integer, "
+                              f"got {value!r}")
+        values[key] = value
+    return Limits(**values)
 
 
 CONFIG_TEMPLATE = """\
@@ -188,6 +231,33 @@ domain = "{domain}"
 listen = "{listen}"
 # Larger mail is refused with 552 (bytes; 25 MB).
 max_message_size = {max_size}
+
+[limits]
+# What one message or one client may ask of the broker. Refused at SMTP, so the
+# sender's own server tells them why (besides smtp.max_message_size, answered 552):
+#   connections_per_address - concurrent SMTP sessions from one client IP address;
+#       more are answered "421 too many connections from your address" at connect.
+#       limit_loopback = false exempts 127.0.0.1 and ::1 (a local MTA in front).
+#   max_recipients - RCPT TO per message; more are answered 452 (the sender retries).
+#   max_headers, max_header_length - header fields per message, and bytes in one
+#       header field with its folded continuation lines; answered 552. (Any single
+#       line over 1000 bytes, RFC 5321 4.5.3.1.6, is refused with 500 at DATA.)
+# Checked when a team member's message is read; the record is quarantined with the
+# reason, and the guardians are told:
+#   max_mime_depth, max_mime_parts, max_attachments
+# And the broker's own mail: at most notices_per_address_per_day notices (receipts,
+# help, not understood, refusals, quarantine notices) to one address per UTC day; over
+# it they are not sent and the audit says `notice_capped` once. Review requests,
+# previews and released copies are never capped.
+connections_per_address = 20
+limit_loopback = true
+max_recipients = 100
+max_headers = 500
+max_header_length = 8192
+max_mime_depth = 20
+max_mime_parts = 200
+max_attachments = 50
+notices_per_address_per_day = 50
 
 [relay]
 # The SMTP server that carries the broker's outbound mail.
@@ -242,7 +312,7 @@ give_up_after = 259200
 
 
 def render_config(
-    *, domain: str, listen: str, relay: str, auth: str = "token", max_size: int = 25 * 1024 * 1024
+    *, domain: str, listen: str, relay: str, auth: str = "dkim", max_size: int = 25 * 1024 * 1024
 ) -> str:
     relay_host, relay_port = parse_hostport(relay, "--relay")
     parse_hostport(listen, "--listen")

@@ -106,10 +106,15 @@ class Service:
             self.rt.spool,
             address_acceptor(settings.domain, SlugCache(self.rt)),
             on_stored=lambda _id: (self.pipeline_wake.set(), on_stored and on_stored()),
+            max_recipients=settings.limits.max_recipients,
+            max_headers=settings.limits.max_headers,
+            max_header_length=settings.limits.max_header_length,
         )
         self.server = IntakeServer(
             handler, settings.listen_host, settings.listen_port, hostname=settings.domain,
             data_size_limit=settings.max_message_size,
+            connections_per_address=settings.limits.connections_per_address,
+            limit_loopback=settings.limits.limit_loopback,
         )
         workers = [
             Worker("pipeline", self.pipeline.run_once, self.stop_event, poll,

@@ -116,8 +116,9 @@ class World:
         self.relay = Controller(self.sink, hostname="127.0.0.1", port=self.relay_port)
         home.mkdir(parents=True, exist_ok=True)
         (home / config.CONFIG_NAME).write_text(
+            # Token mode unless a story asks for more (reply_auth=...): nothing here signs.
             config.render_config(domain=DOMAIN, listen="127.0.0.1:0",
-                                 relay=f"127.0.0.1:{self.relay_port}")
+                                 relay=f"127.0.0.1:{self.relay_port}", auth="token")
         )
         base = config.load(home)
         fields = {"database_url": db_url, "retry_schedule": (0.2, 0.5, 1.0),

@@ -34,7 +34,7 @@ def test_init_writes_settings_and_database(runner: CliRunner, tmp_path: Path) ->
     assert settings["relay"] == {"host": "127.0.0.1", "port": 2526, "starttls": False,
                                  "username": "", "password": "", "timeout": 30.0}
     assert settings["hold"]["lifetime_days"] == 14
-    assert settings["replies"]["authentication"] == "token"
+    assert settings["replies"]["authentication"] == "dkim"  # the default init writes
     assert (home / "broker.db").exists()
     assert (home / "broker.toml").stat().st_mode & 0o077 == 0
     # A second init never overwrites an existing home.

@@ -315,17 +315,17 @@ def test_config_reads_trusted_ids(tmp_path: Path) -> None:
             config.load(tmp_path)
 
 
-def test_init_accepts_auth_dkim_but_defaults_to_token(tmp_path: Path) -> None:
+def test_init_defaults_to_dkim_and_accepts_other_modes(tmp_path: Path) -> None:
     from broker.cli.main import cli
     runner = CliRunner()
     base = ["init", "--domain", DOMAIN, "--listen", "127.0.0.1:2525",
             "--relay", "127.0.0.1:2526"]
-    result = runner.invoke(cli, [*base, "--home", str(tmp_path / "a"), "--auth", "dkim"])
+    result = runner.invoke(cli, [*base, "--home", str(tmp_path / "a"), "--auth", "token"])
     assert result.exit_code == 0, result.output
-    assert config.load(tmp_path / "a").reply_auth == "dkim"
+    assert config.load(tmp_path / "a").reply_auth == "token"
     result = runner.invoke(cli, [*base, "--home", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert config.load(tmp_path / "b").reply_auth == "token"
+    assert config.load(tmp_path / "b").reply_auth == "dkim"
     result = runner.invoke(cli, [*base, "--home", str(tmp_path / "c"), "--auth", "pgp"])
     assert result.exit_code == 0, result.output
     assert config.load(tmp_path / "c").reply_auth == "pgp"

@@ -66,7 +66,7 @@ def setup(tmp_path: Path, db_url: str) -> Iterator[tuple[Daemon, Sink, int, Data
     relay.start()
     (home / config.CONFIG_NAME).write_text(
         config.render_config(domain=DOMAIN, listen=f"127.0.0.1:{port}",
-                             relay=f"127.0.0.1:{relay_port}"))
+                             relay=f"127.0.0.1:{relay_port}", auth="token"))
     upgrade(db_url)
     # The content key, as `broker init` makes it; registered so this process reads sealed columns.
     vaults.register(db_url, vaults.create_keyring(home))

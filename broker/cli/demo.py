@@ -134,7 +134,9 @@ def demo(keep: bool) -> None:
     relay_port = _free_port()
     relay = Controller(world, hostname="127.0.0.1", port=relay_port)
     (home / config.CONFIG_NAME).write_text(
-        config.render_config(domain=DOMAIN, listen="127.0.0.1:0", relay=f"127.0.0.1:{relay_port}")
+        # The demo has no DKIM (nobody signs its replies): token mode, for loopback only.
+        config.render_config(domain=DOMAIN, listen="127.0.0.1:0", relay=f"127.0.0.1:{relay_port}",
+                             auth="token")
     )
     settings = config.load(home)
     upgrade(settings.database_url)

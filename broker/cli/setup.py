@@ -19,7 +19,7 @@ from broker.db.migrate import upgrade
               help="HOST:PORT for the SMTP intake.")
 @click.option("--relay", default="127.0.0.1:25", show_default=True,
               help="HOST:PORT of the SMTP relay for outbound mail.")
-@click.option("--auth", "auth", type=click.Choice(config.AUTH_MODES), default="token",
+@click.option("--auth", "auth", type=click.Choice(config.AUTH_MODES), default="dkim",
               show_default=True, help="How guardians' replies are authenticated.")
 def init(home: str, domain: str, listen: str, relay: str, auth: str) -> None:
     """Create a broker home: broker.toml, the database, spool and content folders."""

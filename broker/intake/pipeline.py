@@ -30,7 +30,7 @@ from broker.intake.pgpin import open_record, open_reply
 from broker.intake.spool import SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
-from broker.mail.parse import ParseFailed, parse_message
+from broker.mail.parse import LimitExceeded, MimeLimits, ParseFailed, parse_message
 from broker.policy.recipients import default_recipients, hold_reasons
 from broker.records import states
 from broker.records.transitions import transition
@@ -46,7 +46,12 @@ class Pipeline:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.notifier = Notifier(rt.content, rt.settings.domain,
-                                 signer=broker_private_key(rt.settings.home))
+                                 signer=broker_private_key(rt.settings.home),
+                                 per_day=rt.settings.limits.notices_per_address_per_day)
+        limits = rt.settings.limits
+        self.mime_limits = MimeLimits(max_depth=limits.max_mime_depth,
+                                      max_parts=limits.max_mime_parts,
+                                      max_attachments=limits.max_attachments)
 
     def run_once(self, limit: int = 100) -> int:
         entries = self.rt.spool.pending(limit)
@@ -134,9 +139,24 @@ class Pipeline:
             domain,
         )
         from_addr = _from_address(headers)
+        own = _own_mail(domain, from_addr, env.mail_from)
         if addr_tokens or (ref_tokens and self._is_any_guardian(s, from_addr)):
             inbound = self._inbound(s, entry, raw, kind="reply")
-            msg = email.message_from_bytes(raw, policy=policy.default)
+            if own:
+                # Loops: the broker never answers mail from its own domain.
+                inbound.outcome = f"ignored: {own}"
+                record_event(s, action="reply_ignored", actor=from_addr or "<>",
+                             actor_role="outside",
+                             description={"inbound": inbound.id, "reason": own})
+                return
+            try:
+                msg = email.message_from_bytes(raw, policy=policy.default)
+            except RecursionError:
+                inbound.outcome = "refused: MIME nested too deeply to read; nothing changed"
+                record_event(s, action="reply_refused", actor=from_addr or "<>",
+                             actor_role="outside",
+                             description={"inbound": inbound.id, "reason": "malformed"})
+                return
             assert isinstance(msg, EmailMessage)
             # A reply encrypted to the broker's key is read decrypted (in memory only).
             msg = open_reply(raw, self.notifier.signer) or msg
@@ -199,6 +219,11 @@ class Pipeline:
         if automatic:
             self._quarantine(s, record, f"automatic mail: {automatic}", notify=False)
             return
+        own = _own_mail(self.rt.settings.domain, from_addr, env.mail_from)
+        if own:
+            # Loops: nothing from the broker's own domain is answered or forwarded.
+            self._quarantine(s, record, own, notify=False)
+            return
         sender = s.scalar(
             select(Person).where(Person.child_id == child.id, Person.email == from_addr,
                                  Person.active.is_(True))
@@ -218,11 +243,14 @@ class Pipeline:
             return
         try:
             if opened.message is not None:
-                doc = parse_message(opened.message)
+                doc = parse_message(opened.message, self.mime_limits)
             else:
                 # The spool file is sealed: the parser reads an in-memory plaintext copy.
                 with self.rt.spool.message_file(entry.id) as eml_path:
-                    doc = parse_message(eml_path)
+                    doc = parse_message(eml_path, self.mime_limits)
+        except LimitExceeded as exc:
+            self._quarantine(s, record, f"over a limit of this broker: {exc}")
+            return
         except ParseFailed as exc:
             self._quarantine(s, record, f"malformed message: it could not be read ({exc})")
             return
@@ -283,6 +311,17 @@ def _from_address(headers: EmailMessage) -> str:
     except Exception:  # a header the parser cannot even turn into text
         return ""
     return parseaddr(value)[1].strip().lower()
+
+
+def _own_mail(domain: str, from_addr: str, mail_from: str) -> str | None:
+    """Why this is the broker's own mail (From or envelope sender at its domain or a
+    subdomain), or None. Such mail is never answered: the rule that stops loops with
+    the broker's own notices, bounces and auto-replies to them."""
+    for what, address in (("From", from_addr), ("envelope sender", mail_from)):
+        dom = address.strip().strip("<>").rpartition("@")[2].lower()
+        if dom and (dom == domain or dom.endswith("." + domain)):
+            return f"mail from the broker's own domain ({what} {address.strip()})"
+    return None
 
 
 def _local_at(address: str, domain: str) -> str | None:

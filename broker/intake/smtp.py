@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import re
 import signal
@@ -39,12 +40,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE_LIMIT = 25 * 1024 * 1024
 MAX_RECIPIENTS = 100
+MAX_HEADERS = 500
+MAX_HEADER_LENGTH = 8 * 1024
 DEFAULT_STORE_THREADS = 16
 
 REPLY_NO_SUCH_RECIPIENT = "550 5.1.1 no such recipient here"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
 REPLY_TEMP_FAILURE = "451 4.3.0 Temporary failure, try again later"
+REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections from your address"
+REPLY_TOO_MANY_HEADERS = "552 5.6.0 Too many header fields (limit {limit})"
+REPLY_HEADER_TOO_LONG = "552 5.6.0 A header field is too long (limit {limit} bytes)"
+
+_HEADER_END_RE = re.compile(rb"\r?\n\r?\n")
+# One header field: a line not starting with white space, and its folded continuations.
+_HEADER_FIELD_RE = re.compile(rb"(?m)^[^ \t\r\n][^\r\n]*(?:\r?\n[ \t][^\r\n]*)*")
 
 _REVIEW_RE = re.compile(r"review\+[a-z2-7]{32}")
 _BOUNCE_RE = re.compile(r"bounces\+[0-9]{1,20}")
@@ -65,6 +75,20 @@ def _install_log_filter() -> None:
         logger.addFilter(_NoContentInLogs())
 
 
+def header_problem(data: bytes, max_headers: int, max_header_length: int) -> str | None:
+    """The SMTP reply refusing ``data`` for its header block, or None if within limits.
+
+    Cheap on hostile input: the regex runs in C and the loop stops at ``max_headers + 1``."""
+    end = _HEADER_END_RE.search(data)
+    block = data[: end.start()] if end else data
+    for count, match in enumerate(_HEADER_FIELD_RE.finditer(block), start=1):
+        if count > max_headers:
+            return REPLY_TOO_MANY_HEADERS.format(limit=max_headers)
+        if match.end() - match.start() > max_header_length:
+            return REPLY_HEADER_TOO_LONG.format(limit=max_header_length)
+    return None
+
+
 def _format_peer(peer: Any) -> str:
     """``host:port`` (``[v6]:port``) for the envelope; aiosmtpd gives a socket address tuple."""
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -83,10 +107,16 @@ class IntakeHandler:
         on_stored: Callable[[str], None] | None = None,
         *,
         store_threads: int = DEFAULT_STORE_THREADS,
+        max_recipients: int = MAX_RECIPIENTS,
+        max_headers: int = MAX_HEADERS,
+        max_header_length: int = MAX_HEADER_LENGTH,
     ) -> None:
         self.spool = spool
         self.accepts = accepts
         self.on_stored = on_stored
+        self.max_recipients = max_recipients
+        self.max_headers = max_headers
+        self.max_header_length = max_header_length
         # One thread per concurrent store: they only wait for the spool's batch writer.
         self._executor = ThreadPoolExecutor(
             max_workers=store_threads, thread_name_prefix="spool-store"
@@ -102,7 +132,7 @@ class IntakeHandler:
         rcpt_options: list[str],
     ) -> str:
         """Refuse unknown addresses here, so senders get a bounce from their own server."""
-        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+        if len(envelope.rcpt_tos) >= self.max_recipients:
             return REPLY_TOO_MANY_RECIPIENTS
         if not self.accepts(address):
             return REPLY_NO_SUCH_RECIPIENT
@@ -117,6 +147,11 @@ class IntakeHandler:
         data = envelope.original_content
         if data is None:  # aiosmtpd always sets it before calling us
             return REPLY_TEMP_FAILURE
+        refused = header_problem(data, self.max_headers, self.max_header_length)
+        if refused is not None:
+            log.info("intake: refused %d-byte message from %s: %s",
+                     len(data), _format_peer(session.peer), refused)
+            return refused
         mail_from = envelope.mail_from or ""
         rcpt_tos = tuple(envelope.rcpt_tos)
         peer = _format_peer(session.peer)
@@ -209,6 +244,8 @@ class IntakeServer:
         hostname: str | None = None,
         data_size_limit: int = DEFAULT_SIZE_LIMIT,
         timeout: float = 300.0,
+        connections_per_address: int | None = None,
+        limit_loopback: bool = True,
     ) -> None:
         self.handler = handler
         self._host = host
@@ -219,6 +256,11 @@ class IntakeServer:
         self.timeout = timeout
         self._server: asyncio.AbstractServer | None = None
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        # Concurrent sessions per client IP address (None: no limit). Touched on the
+        # server's event loop only.
+        self.connections_per_address = connections_per_address
+        self.limit_loopback = limit_loopback
+        self._per_address: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         _install_log_filter()
@@ -232,9 +274,28 @@ class IntakeServer:
         """The bound port (the real one when constructed with port 0)."""
         return self._port
 
+    def _admit(self, peer: Any) -> str | None:
+        """Count a new session from ``peer``: the key to release later, or None to refuse."""
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        limit = self.connections_per_address
+        if (limit is not None and (self.limit_loopback or not _is_loopback(host))
+                and self._per_address.get(host, 0) >= limit):
+            return None
+        self._per_address[host] = self._per_address.get(host, 0) + 1
+        return host
+
+    def _release(self, host: str) -> None:
+        left = self._per_address.get(host, 0) - 1
+        if left > 0:
+            self._per_address[host] = left
+        else:
+            self._per_address.pop(host, None)
+
     def _factory(self) -> SMTP:
         """One SMTP protocol per connection, with the size limit advertised as SIZE."""
-        smtp = SMTP(
+        smtp = _LimitedSMTP(
+            self._admit,
+            self._release,
             self.handler,
             hostname=self.hostname,
             data_size_limit=self.data_size_limit,
@@ -321,6 +382,59 @@ class IntakeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+class _LimitedSMTP(SMTP):
+    """aiosmtpd's SMTP that first asks the server whether this client address may open
+    one more session; if not, it answers 421 at connect and hangs up (RFC 5321 3.1)."""
+
+    def __init__(self, admit: Callable[[Any], str | None], release: Callable[[str], None],
+                 *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admit = admit
+        self._release = release
+        self._counted: str | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None and not self._refused:  # not a STARTTLS re-entry
+            key = self._admit(transport.get_extra_info("peername"))
+            if key is None:
+                self._refused = True
+                log.info("intake: refused a connection from %s: too many sessions",
+                         _format_peer(transport.get_extra_info("peername")))
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(REPLY_TOO_MANY_CONNECTIONS.encode("ascii") + b"\r\n")
+                transport.close()
+                return
+            self._counted = key
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._counted is not None:
+            key, self._counted = self._counted, None
+            self._release(key)
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import email
 import email.utils
 from dataclasses import dataclass
 from email import policy
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from pathlib import Path
 
 import mailparser
@@ -26,6 +26,43 @@ from broker.redact.text import split_paragraphs
 
 class ParseFailed(Exception):
     """The message could not be read at all."""
+
+
+class LimitExceeded(ParseFailed):
+    """The message's MIME structure is beyond a configured limit; str() is the reason."""
+
+
+@dataclass(frozen=True)
+class MimeLimits:
+    """[limits] max_mime_depth, max_mime_parts, max_attachments (broker.config.Limits)."""
+
+    max_depth: int = 20
+    max_parts: int = 200
+    max_attachments: int = 50
+
+
+def check_structure(msg: Message, limits: MimeLimits) -> None:
+    """Walk the parsed MIME tree without recursion; raise LimitExceeded past a limit.
+
+    Depth counts nesting below the top-level entity (a multipart/mixed holding a text part
+    is depth 1); parts count every entity, containers included."""
+    stack: list[tuple[Message, int]] = [(msg, 0)]
+    parts = 0
+    while stack:
+        part, depth = stack.pop()
+        parts += 1
+        if depth > limits.max_depth:
+            raise LimitExceeded(f"MIME parts nested deeper than {limits.max_depth} levels")
+        if parts > limits.max_parts:
+            raise LimitExceeded(f"more than {limits.max_parts} MIME parts")
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
+
+
+def _too_deep(limits: MimeLimits | None) -> LimitExceeded:
+    depth = limits.max_depth if limits else MimeLimits.max_depth
+    return LimitExceeded(f"MIME parts nested deeper than {depth} levels (too deep to read)")
 
 
 @dataclass(frozen=True)
@@ -47,13 +84,15 @@ def _sender(from_header: str) -> tuple[str, str]:
 
 
 def _from_mailparser(
-    source: Path | bytes,
+    source: Path | bytes, limits: MimeLimits | None = None
 ) -> tuple[str, str, str, str, list[str], list[str], list[_Part]]:
     if isinstance(source, bytes | bytearray):
         m = mailparser.parse_from_bytes(bytes(source))
     else:
         m = mailparser.parse_from_file(str(source))
     msg = m.message
+    if limits is not None:
+        check_structure(msg, limits)
     name, addr = _sender(str(msg.get("From", "")))
     if m.from_:
         name, addr = m.from_[0][0] or name, (m.from_[0][1] or addr).lower()
@@ -73,9 +112,13 @@ def _from_mailparser(
             list(m.text_html), parts)
 
 
-def _from_stdlib(raw: bytes) -> tuple[str, str, str, str, list[str], list[str], list[_Part]]:
+def _from_stdlib(
+    raw: bytes, limits: MimeLimits | None = None
+) -> tuple[str, str, str, str, list[str], list[str], list[_Part]]:
     msg = email.message_from_bytes(raw, policy=policy.default)
     assert isinstance(msg, EmailMessage)
+    if limits is not None:
+        check_structure(msg, limits)
     name, addr = _sender(str(msg.get("From", "")))
     plain: list[str] = []
     html: list[str] = []
@@ -90,17 +133,31 @@ def _from_stdlib(raw: bytes) -> tuple[str, str, str, str, list[str], list[str], 
     return str(msg.get("Subject", "")), name, addr, str(msg.get("Date", "")), plain, html, parts
 
 
-def parse_message(path: Path | bytes) -> Document:
+def parse_message(path: Path | bytes, limits: MimeLimits | None = None) -> Document:
     """Parse the spooled file at ``path``; or bytes in memory, for decrypted mail, whose
-    plaintext must never be written to disk."""
+    plaintext must never be written to disk.
+
+    With ``limits``, a structure beyond them raises LimitExceeded (a ParseFailed) naming
+    the limit; so does nesting too deep for the parsers' recursion (about 1,000 levels)."""
     try:
-        subject, name, addr, date, plain, html, parts = _from_mailparser(path)
+        subject, name, addr, date, plain, html, parts = _from_mailparser(path, limits)
+    except LimitExceeded:
+        raise
+    except RecursionError as exc:
+        # Nested deeper than Python's recursion limit: the stdlib parser would fail the same way.
+        raise _too_deep(limits) from exc
     except Exception:
         try:
             raw = bytes(path) if isinstance(path, bytes | bytearray) else path.read_bytes()
-            subject, name, addr, date, plain, html, parts = _from_stdlib(raw)
+            subject, name, addr, date, plain, html, parts = _from_stdlib(raw, limits)
+        except LimitExceeded:
+            raise
+        except RecursionError as exc:
+            raise _too_deep(limits) from exc
         except Exception as exc:
             raise ParseFailed(type(exc).__name__) from exc
+    if limits is not None and len(parts) > limits.max_attachments:
+        raise LimitExceeded(f"more than {limits.max_attachments} attachments ({len(parts)})")
     text = "\n\n".join(p for p in plain if p.strip())
     if not text.strip() and html:
         text = "\n\n".join(_html_to_text(h) for h in html)

@@ -52,7 +52,8 @@ class OutboxSender:
         self.rt = rt
         self.batch = batch
         self.notifier = Notifier(rt.content, rt.settings.domain,
-                                 signer=broker_private_key(rt.settings.home))
+                                 signer=broker_private_key(rt.settings.home),
+                                 per_day=rt.settings.limits.notices_per_address_per_day)
 
     def claim(self) -> list[Claimed]:
         now = utcnow()

@@ -6,20 +6,31 @@ and only if the change it reports commits.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
 from broker.content.store import ContentStore
 from broker.crypto.outbound import protect, withheld
-from broker.db.models import Child, Person, Record, utcnow
+from broker.db.models import AuditEvent, Child, Delivery, Person, Record, utcnow
 from broker.mail import compose as mc
 from broker.mail.document import Document, ReleaseContent
 from broker.release.outbox import enqueue
 from broker.review import render
+
+log = logging.getLogger(__name__)
+
+# Notices that report a guardian's decision, a release or its failure, or an expiry: one
+# per record and event, never prompted by an outsider's mail, so never capped. Every other
+# notice (receipts, help, not understood, refusals, quarantine notices...) counts against
+# [limits] notices_per_address_per_day.
+UNCAPPED_NOTICES = frozenset({"decided_released", "decided_denied", "release_failed",
+                              "expired"})
 
 
 def guardians(s: Session, child: Child) -> list[Person]:
@@ -44,9 +55,12 @@ def as_shown(people: Sequence[Person]) -> tuple[render.Person, ...]:
 class Notifier:
     """Binds the content store and domain so call sites stay short."""
 
-    def __init__(self, content: ContentStore, domain: str, signer: str | None = None) -> None:
+    def __init__(self, content: ContentStore, domain: str, signer: str | None = None,
+                 per_day: int | None = None) -> None:
         self.content = content
         self.domain = domain
+        # At most this many notices to one address per UTC day (None: no cap).
+        self.per_day = per_day
         # The broker's armored OpenPGP private key: everything queued here is signed with
         # it (and encrypted to recipients with a usable key); None: unsigned.
         self.signer = signer
@@ -135,6 +149,13 @@ class Notifier:
     ) -> None:
         address = to.email if isinstance(to, Person) else to
         name = to.name if isinstance(to, Person) else ""
+        if self._own_address(address):
+            # Loops: the broker never writes to its own domain (a notice there would come
+            # back in as mail to answer).
+            log.info("notice %s to the broker's own domain not sent", kind)
+            return
+        if kind not in UNCAPPED_NOTICES and self._over_cap(s, address, child, record):
+            return
         message_id = mc.new_message_id(self.domain)
         data = mc.compose_notice(
             message_id=message_id,
@@ -149,6 +170,34 @@ class Notifier:
         kind_col = "receipt" if kind in ("receipt", "forwarded") else "notice"
         self._queue(s, kind_col, person or address, data, record, child=child,
                     message_id=message_id)
+
+    def _own_address(self, address: str) -> bool:
+        dom = address.strip().rpartition("@")[2].lower()
+        return dom == self.domain or dom.endswith("." + self.domain)
+
+    def _over_cap(self, s: Session, address: str, child: Child, record: Record | None) -> bool:
+        """True when ``address`` already had its notices for today; the first refusal of
+        the day is audited (`notice_capped`), the rest are silent."""
+        if self.per_day is None:
+            return False
+        now = utcnow()
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        address = address.lower()
+        sent = s.scalar(select(func.count(Delivery.id)).where(
+            Delivery.recipient == address, Delivery.kind.in_(("notice", "receipt")),
+            Delivery.created_at >= day))
+        if (sent or 0) < self.per_day:
+            return False
+        capped = s.scalars(select(AuditEvent.recipients).where(
+            AuditEvent.action == "notice_capped", AuditEvent.at >= day)).all()
+        if not any(address in json.loads(r or "[]") for r in capped):
+            record_event(s, action="notice_capped", actor="broker", actor_role="broker",
+                         child=child.slug, record_id=record.id if record else None,
+                         recipients=[address],
+                         description={"limit": self.per_day, "day": day.date().isoformat(),
+                                      "until": (day + dt.timedelta(days=1)).isoformat()})
+        log.info("notice to an address over its daily cap not sent")
+        return True
 
     def _queue(
         self,
