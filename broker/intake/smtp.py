@@ -97,6 +97,10 @@ def _format_peer(peer: Any) -> str:
     return str(peer)
 
 
+# Messages up to this size are hashed, sealed and queued on the event loop itself.
+INLINE_STORE_LIMIT = 64 * 1024
+
+
 class IntakeHandler:
     """aiosmtpd handler: recipient check at RCPT, durable store at DATA, 250 only after that."""
 
@@ -157,9 +161,22 @@ class IntakeHandler:
         peer = _format_peer(session.peer)
         helo = session.host_name or ""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(
-            self._executor, self._store, data, mail_from, rcpt_tos, peer, helo
-        )
+        fut: asyncio.Future[str]
+        if len(data) <= INLINE_STORE_LIMIT and self.spool.commit == "batch":
+            # Hashing and sealing 64 KB take tens of microseconds: cheaper on the loop
+            # than a hop through a thread; the flush itself happens in the writer thread.
+            envelope_ = Envelope.for_message(
+                data, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=peer, helo=helo
+            )
+            try:
+                fut = asyncio.wrap_future(self.spool.submit(data, envelope_), loop=loop)
+            except Exception as exc:  # closed spool, sealing failure
+                fut = loop.create_future()
+                fut.set_exception(exc)
+        else:
+            fut = loop.run_in_executor(
+                self._executor, self._store, data, mail_from, rcpt_tos, peer, helo
+            )
         self._in_flight.add(fut)
         try:
             spool_id = await fut

@@ -267,13 +267,11 @@ class Spool:
         """
         if envelope.size != len(data) or envelope.sha256 != hashlib.sha256(data).hexdigest():
             raise ValueError("envelope size/sha256 do not describe the data")
+        if self.commit == "batch":
+            return self.submit(data, envelope).result()
         spool_id = new_spool_id()
         blob = self._seal(data)
         meta = envelope.to_json().encode("utf-8")
-        if self.commit == "batch":
-            job = _Job(spool_id, blob, meta)
-            self._submit(job)
-            return job.future.result()
         try:
             self._write_file(self._path(spool_id, ".eml"), blob)
             self._write_file(self._path(spool_id, ".json.tmp"), meta)
@@ -283,6 +281,17 @@ class Spool:
             self._discard(spool_id)
             raise
         return spool_id
+
+    def submit(self, data: bytes, envelope: Envelope) -> Future[str]:
+        """Batch mode without blocking: hand the message to the writer thread; the
+        future resolves with the spool id once it is durable (or with the error).
+        Seals on the caller's thread: cheap for ordinary mail, which lets the SMTP
+        event loop call this directly and await the future."""
+        if self.commit != "batch":
+            raise RuntimeError("submit() needs the batch commit mode")
+        job = _Job(new_spool_id(), self._seal(data), envelope.to_json().encode("utf-8"))
+        self._submit(job)
+        return job.future
 
     def close(self) -> None:
         """Stop the batch writer after it finished what is queued. Idempotent."""
