@@ -35,10 +35,11 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
         vault = open_vault(settings)
+        db = Database(settings.database_url)
         return cls(
             settings=settings,
-            db=Database(settings.database_url),
-            content=ContentStore(settings.content_dir, vault),
+            db=db,
+            content=ContentStore(settings.content_dir, vault, db),
             spool=Spool(settings.spool_dir, vault=vault),
             vault=vault,
         )

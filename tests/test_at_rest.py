@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from sqlalchemy import select
 
 from broker.cli.main import cli
 from broker.config import Settings
 from broker.content.store import ContentStore
 from broker.crypto import vault as vaults
+from broker.db.models import ContentBlob
 from broker.intake.spool import Envelope, Spool
 from broker.runtime import Runtime
 from tests.harness import DOMAIN, World, reply_to, report
@@ -132,7 +134,10 @@ def test_marker_is_nowhere_at_rest(world: World, db_url: str, caplog: pytest.Log
     out, err = capfd.readouterr()
     found += hits(err.encode(), "stderr") + hits(out.encode(), "stdout")
     assert found == []
-    assert list(world.settings.content_dir.rglob("*/*")), "content was stored"
+    with world.db.session() as s:
+        blobs = s.scalars(select(ContentBlob.data)).all()
+    assert blobs or list(world.settings.content_dir.rglob("*/*")), "content was stored"
+    assert all(b.startswith("QlJLU") for b in blobs)  # every blob sealed
     mode = vaults.key_path(world.home).stat().st_mode & 0o777
     assert mode == 0o600
 
@@ -150,7 +155,8 @@ def test_marker_is_nowhere_at_rest(world: World, db_url: str, caplog: pytest.Log
 def _sealed_db_values(world: World) -> list[str]:
     with world.db.engine.connect() as conn:
         return [v for (v,) in conn.execute(sa.text(
-            "SELECT subject FROM records UNION ALL SELECT summary FROM deliveries")) if v]
+            "SELECT subject FROM records UNION ALL SELECT summary FROM deliveries "
+            "UNION ALL SELECT data FROM content_blobs")) if v]
 
 
 def test_rotation_reseals_everything_and_loses_nothing(world: World, db_url: str) -> None:
@@ -158,7 +164,11 @@ def test_rotation_reseals_everything_and_loses_nothing(world: World, db_url: str
     world.stop_broker()
     settings = world.settings
     old_vault = vaults.load_vault(world.home)
+    # Small content lives in the database; large content (here one item stored without a
+    # session, as a 25 MB mail would be) in files: rotation must re-seal both.
+    ContentStore(settings.content_dir, old_vault).put(b"file-backed " + MARKER.encode())
     old_files = {p: p.read_bytes() for p in settings.content_dir.rglob("*/*")}
+    assert old_files
     # A message still waiting in the spool is re-sealed as well.
     spool = Spool(settings.spool_dir, commit="each", vault=old_vault)
     pending = b"Subject: waiting\r\n\r\nstill in the spool " + MARKER.encode() + b"\r\n"

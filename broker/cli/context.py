@@ -33,8 +33,8 @@ def open_broker(home: str | None) -> Broker:
         vault = open_vault(settings)
     except VaultError as exc:
         raise click.ClickException(str(exc)) from exc
-    return Broker(settings, Database(settings.database_url),
-                  ContentStore(settings.content_dir, vault))
+    db = Database(settings.database_url)
+    return Broker(settings, db, ContentStore(settings.content_dir, vault, db))
 
 
 home_option = click.option(

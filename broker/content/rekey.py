@@ -21,6 +21,7 @@ loaded at start (a second rotation, or `broker key status`, finds those leftover
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 from collections import Counter
@@ -36,7 +37,8 @@ from broker.db.engine import Database
 from broker.intake.spool import Spool
 
 # (table, id column, sealed column): every sealed database field.
-SEALED_COLUMNS = (("records", "id", "subject"), ("deliveries", "id", "summary"))
+SEALED_COLUMNS = (("records", "id", "subject"), ("deliveries", "id", "summary"),
+                  ("content_blobs", "ref", "data"))
 BATCH = 500
 PLAINTEXT = "plaintext"
 
@@ -119,9 +121,12 @@ def reseal_database(db: Database, vault: vaults.Vault) -> int:
                     kid = vaults.text_key_id(value)
                     if kid == current:
                         continue
-                    plain = vault.open_text(value) if kid is not None else value
+                    # Re-sealed as bytes: content blobs are binary, text fields UTF-8.
+                    plain = (vault.open(base64.b64decode(value)) if kid is not None
+                             else value.encode("utf-8"))
+                    resealed = base64.b64encode(vault.seal(plain)).decode("ascii")
                     conn.execute(sa.update(t).where(t.c[id_col] == rid)
-                                 .values({col: vault.seal_text(plain)}))
+                                 .values({col: resealed}))
                     changed += 1
                 conn.commit()
         if sqlite:
@@ -129,7 +134,7 @@ def reseal_database(db: Database, vault: vaults.Vault) -> int:
             conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     if db.engine.dialect.name == "postgresql" and changed:
         with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql("VACUUM FULL records, deliveries")
+            conn.exec_driver_sql("VACUUM FULL records, deliveries, content_blobs")
     return changed
 
 

@@ -208,6 +208,17 @@ class Delivery(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+class ContentBlob(Base):
+    """Small content (parsed documents, drafts, outbound copies), sealed, in the database:
+    written in the same transaction as the rows that refer to it (no extra flush), and
+    shared by every broker process on one PostgreSQL. Large content stays in files."""
+
+    __tablename__ = "content_blobs"
+
+    ref: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[str] = mapped_column(Text)  # base64 of the sealed blob
+
+
 class AuditEvent(Base):
     """Append-only, hash-chained. seq is assigned under the audit_head lock."""
 

@@ -108,7 +108,7 @@ class Pipeline:
             peer=env.peer[:64],
             size=len(raw),
             sha256=env.sha256,
-            raw_ref=self.rt.content.put(raw),
+            raw_ref=self.rt.content.put(raw, s),
             kind=kind,
         )
         s.add(inbound)
@@ -256,7 +256,7 @@ class Pipeline:
             return
 
         record.sender_id = sender.id
-        record.doc_ref = self.rt.content.put(document_to_bytes(doc))
+        record.doc_ref = self.rt.content.put(document_to_bytes(doc), s)
         record.hold_reasons = json.dumps(hold_reasons(sender) + list(opened.notes))
         record.expires_at = received_at + dt.timedelta(days=self.rt.settings.hold_days)
         transition(s, record, states.HELD, actor="broker", actor_role="broker",

@@ -30,7 +30,7 @@ def enqueue(
     dedupe_key: str | None = None,
     summary: dict | None = None,
 ) -> Delivery:
-    ref = content.put(data)
+    ref = content.put(data, s)
     delivery = Delivery(
         dedupe_key=dedupe_key,
         kind=kind,

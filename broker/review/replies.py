@@ -127,7 +127,7 @@ def handle_reply(
 
     # Signatures are over the bytes as received: read them back from the content store
     # rather than re-serialising the parsed message.
-    auth = authenticate_reply(msg, guardian, rt.settings, raw=rt.content.get(inbound.raw_ref),
+    auth = authenticate_reply(msg, guardian, rt.settings, raw=rt.content.get(inbound.raw_ref, s),
                               peer=inbound.peer)
     if not auth.ok:
         inbound.outcome = f"refused: authentication failed ({auth.detail})"
@@ -161,8 +161,9 @@ def handle_reply(
             subject=record.subject, record=record, reply_to=review_to)
         return
 
-    doc = document_from_bytes(rt.content.get(record.doc_ref or ""))
-    draft = draft_from_bytes(rt.content.get(record.draft_ref)) if record.draft_ref else Draft()
+    doc = document_from_bytes(rt.content.get(record.doc_ref or "", s))
+    draft = (draft_from_bytes(rt.content.get(record.draft_ref, s)) if record.draft_ref
+             else Draft())
     team_people = s.scalars(select(Person).where(Person.child_id == child.id,
                                                  Person.active.is_(True))).all()
     team = Team(members=tuple(
@@ -294,7 +295,7 @@ def _preview(
 ) -> None:
     content = apply_draft(doc, decision.draft)
     recipients = _recipients(record, decision.draft, team_people)
-    record.draft_ref = rt.content.put(draft_to_bytes(decision.draft))
+    record.draft_ref = rt.content.put(draft_to_bytes(decision.draft), s)
     record.version += 1
     token = tokens.issue(s, record, record.expires_at or utcnow())
     notifier.preview(s, record, content, token, recipients, guardian, decision.also_approved)
