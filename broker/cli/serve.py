@@ -97,11 +97,8 @@ def _read_wakeups(service: Service, stop: threading.Event) -> None:
         service.pipeline_wake.set()
 
 
-def _idle_priority() -> None:
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or not allowed: the lowest nice
-        os.nice(19)
+def _low_priority() -> None:
+    os.nice(19)
 
 
 class _Workers:
@@ -115,12 +112,13 @@ class _Workers:
         self.lock = threading.Lock()
 
     def start(self) -> None:
-        # The workers run at idle priority (CPU, and disk where `ionice` exists): under
-        # a burst the intake keeps answering at full speed and the workers catch up
-        # from the spool afterwards; at ordinary load nothing competes with them.
-        prefix = ["ionice", "-c", "3"] if shutil.which("ionice") else []
+        # The workers run at the lowest ordinary priority (CPU, and disk where `ionice`
+        # exists): under a burst the intake answers first and the workers catch up from
+        # the spool. Not the idle classes: a worker starved while holding the database
+        # lock would stall everyone else who needs it (priority inversion).
+        prefix = ["ionice", "-c", "2", "-n", "7"] if shutil.which("ionice") else []
         self.proc = subprocess.Popen([*prefix, *self.args], stdin=subprocess.PIPE,
-                                     preexec_fn=_idle_priority)
+                                     preexec_fn=_low_priority)
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
 

@@ -109,6 +109,8 @@ class Person(Base):
     pgp_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     pgp_key_revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     require_encryption: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A guardian's own reply-authentication mode, stricter than broker.toml's (or None).
+    reply_auth: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
     child: Mapped[Child] = relationship(back_populates="people")
 

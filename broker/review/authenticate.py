@@ -36,6 +36,7 @@ from broker.crypto.authresults import check_authentication_results, header_list
 from broker.crypto.dkim import safe, verify_dkim
 from broker.crypto.keys import broker_private_key, person_key
 from broker.db.models import Person
+from broker.team.spec import AUTH_STRENGTH
 
 # Keep audit events and notices a readable size whatever the sender put in headers.
 MAX_DETAIL = 1500
@@ -58,7 +59,7 @@ def authenticate_reply(
     it is not given, the parsed message is serialised again, which may break them.
     ``peer`` is the host:port that handed it to the intake: Authentication-Results are
     believed only from the operator's trusted relays."""
-    mode = settings.reply_auth
+    mode = effective_mode(settings.reply_auth, guardian.reply_auth)
     if mode == "token":
         return AuthResult(True, "token", "token and guardian From address (no signature check)")
     if mode == "dkim":
@@ -160,6 +161,15 @@ def _pgp(msg: EmailMessage, guardian: Person, settings: Settings,
            }.get(result.status, f"signature status {result.status}")
     ids = ", ".join(safe(i) for i in result.signer_key_ids)
     return AuthResult(False, "pgp", _cut(why + (f" (key ids {ids})" if ids else "")))
+
+
+def effective_mode(configured: str, guardian_mode: str | None) -> str:
+    """The stricter of broker.toml's mode and the guardian's own (team file): a guardian
+    can raise the bar for replies in their name, never lower it."""
+    order = AUTH_STRENGTH
+    if guardian_mode in order and configured in order:
+        return max(configured, guardian_mode, key=order.index)
+    return configured
 
 
 def from_trusted_relay(peer: str, relays: tuple[str, ...]) -> bool:

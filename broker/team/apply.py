@@ -51,16 +51,19 @@ def apply_team(s: Session, spec: TeamSpec, actor: str = OPERATOR) -> list[str]:
         if person is None:
             s.add(Person(child_id=child.id, role=p.role, name=p.name, email=email, tags=tags,
                          active=True, pgp_key=p.pgp_key, pgp_key_revoked=p.pgp_key_revoked,
-                         require_encryption=p.require_encryption))
+                         require_encryption=p.require_encryption,
+                         reply_auth=p.authentication))
             changes.append(f"{p.role} {email} added")
             _audit(s, spec.slug, actor, "person_added",
                    {"email": email, "name": p.name, "role": p.role, "tags": list(p.tags),
-                    **_pgp_audit(p.pgp_key, p.pgp_key_revoked, p.require_encryption)})
+                    **_pgp_audit(p.pgp_key, p.pgp_key_revoked, p.require_encryption),
+                    "authentication": p.authentication})
             continue
         diff = {}
         for key, value in (("role", p.role), ("name", p.name), ("tags", tags), ("active", True),
                            ("pgp_key", p.pgp_key), ("pgp_key_revoked", p.pgp_key_revoked),
-                           ("require_encryption", p.require_encryption)):
+                           ("require_encryption", p.require_encryption),
+                           ("reply_auth", p.authentication)):
             if getattr(person, key) != value:
                 diff[key] = value
                 setattr(person, key, value)

@@ -21,6 +21,11 @@ ROLES = ("provider", "school")
 RESERVED_SLUGS = frozenset({"review", "bounces", "postmaster", "abuse", "mailer-daemon"})
 
 
+# Reply-authentication modes from weakest to strongest; a guardian's own setting can
+# only raise the bar set in broker.toml, never lower it.
+AUTH_STRENGTH = ("token", "dkim", "pgp")
+
+
 class TeamFileError(Exception):
     """The team file is wrong; the message says where."""
 
@@ -34,6 +39,8 @@ class PersonSpec:
     pgp_key: str | None = None  # armored public key, read from the file pgp_key names
     pgp_key_revoked: bool = False
     require_encryption: bool = False
+    # Guardians only: a reply-authentication mode stricter than broker.toml's.
+    authentication: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,9 +141,15 @@ def parse_team(text: str, source: str = "team file", base: Path | None = None) -
     for i, g in enumerate(raw.get("guardians", []), start=1):
         where = f"{source} [[guardians]] #{i}"
         key, revoked = _pgp(g, where, base)
+        auth = _str(g, "authentication", where, required=False)
+        if auth is not None and auth not in AUTH_STRENGTH:
+            raise TeamFileError(f"{where}: authentication must be one of "
+                                f"{', '.join(AUTH_STRENGTH)}, got {auth!r}")
+        if auth == "pgp" and key is None:
+            raise TeamFileError(f"{where}: authentication = \"pgp\" needs a pgp_key")
         guardians.append(
             PersonSpec(_str(g, "name", where) or "", _email(g.get("email"), where), "guardian",
-                       pgp_key=key, pgp_key_revoked=revoked)
+                       pgp_key=key, pgp_key_revoked=revoked, authentication=auth)
         )
     if not guardians:
         raise TeamFileError(f"{source}: at least one [[guardians]] entry is required")
