@@ -42,6 +42,10 @@ from broker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
+# Spooled messages taken in per database transaction.
+BATCH = 20
+
+
 class Pipeline:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -55,48 +59,67 @@ class Pipeline:
 
     def run_once(self, limit: int = 100) -> int:
         entries = self.rt.spool.pending(limit)
-        for entry in entries:
-            self.process(entry)
+        for i in range(0, len(entries), BATCH):
+            self.process_batch(entries[i:i + BATCH])
         return len(entries)
 
     def process(self, entry: SpoolEntry) -> None:
-        try:
-            raw = self.rt.spool.read(entry.id)
-        except SpoolCorrupt:
-            # The bytes on disk no longer match what was acknowledged: keep them aside
-            # for the operator rather than act on damaged content or retry forever.
-            log.error("spool message %s is damaged; set aside", entry.id)
-            self.rt.spool.set_aside(entry.id)
-            with self.rt.db.session() as s:
-                record_event(s, action="intake_failed", actor="broker", actor_role="broker",
-                             description={"spool_id": entry.id, "error": "spool damaged",
-                                          "sha256": entry.envelope.sha256})
+        self.process_batch([entry])
+
+    def process_batch(self, entries: list[SpoolEntry]) -> None:
+        """Take several spooled messages in with one commit (one flush of the database
+        instead of one per message). Each message runs in its own savepoint, so one
+        that fails is kept as a failed inbound row without undoing the others; the
+        spool files go only after the commit."""
+        readable: list[tuple[SpoolEntry, bytes]] = []
+        for entry in entries:
+            try:
+                readable.append((entry, self.rt.spool.read(entry.id)))
+            except SpoolCorrupt:
+                self._set_aside(entry)
+        if not readable:
             return
         try:
             with self.rt.db.session() as s:
-                if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)) is None:
-                    self._take_in(s, entry, raw)
-        except Exception as exc:
-            # A bug or a database outage must neither lose the message nor spin on it:
-            # database errors leave it in the spool for the next round; anything else
-            # is kept as a failed inbound row, with its bytes, for the operator.
-            if isinstance(exc, OperationalError):
-                log.warning("database unavailable; message %s stays spooled", entry.id)
-                raise
-            # The type only: an exception's text may quote the message.
-            log.error("message %s could not be processed: %s", entry.id, type(exc).__name__)
-            self._keep_failed(entry, raw, exc)
-        self.rt.spool.remove(entry.id)
+                for entry, raw in readable:
+                    if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)):
+                        continue
+                    try:
+                        with s.begin_nested():
+                            self._take_in(s, entry, raw)
+                    except OperationalError:
+                        raise
+                    except Exception as exc:
+                        # A bug must neither lose the message nor spin on it: keep it,
+                        # with its bytes, as a failed inbound row for the operator. The
+                        # type only in the log: an exception's text may quote the mail.
+                        log.error("message %s could not be processed: %s", entry.id,
+                                  type(exc).__name__)
+                        with s.begin_nested():
+                            self._keep_failed(s, entry, raw, exc)
+        except OperationalError:
+            # The database is away: everything stays spooled for the next round.
+            log.warning("database unavailable; %d message(s) stay spooled", len(readable))
+            raise
+        for entry, _ in readable:
+            self.rt.spool.remove(entry.id)
 
-    def _keep_failed(self, entry: SpoolEntry, raw: bytes, exc: Exception) -> None:
+    def _set_aside(self, entry: SpoolEntry) -> None:
+        """The bytes on disk no longer match what was acknowledged: keep them aside for
+        the operator rather than act on damaged content or retry forever."""
+        log.error("spool message %s is damaged; set aside", entry.id)
+        self.rt.spool.set_aside(entry.id)
         with self.rt.db.session() as s:
-            if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)) is not None:
-                return
-            inbound = self._inbound(s, entry, raw, kind="failed")
-            inbound.outcome = f"internal error: {type(exc).__name__}; kept for the operator"
             record_event(s, action="intake_failed", actor="broker", actor_role="broker",
-                         description={"inbound": inbound.id, "error": type(exc).__name__,
-                                      "sha256": inbound.sha256})
+                         description={"spool_id": entry.id, "error": "spool damaged",
+                                      "sha256": entry.envelope.sha256})
+
+    def _keep_failed(self, s: Session, entry: SpoolEntry, raw: bytes, exc: Exception) -> None:
+        inbound = self._inbound(s, entry, raw, kind="failed")
+        inbound.outcome = f"internal error: {type(exc).__name__}; kept for the operator"
+        record_event(s, action="intake_failed", actor="broker", actor_role="broker",
+                     description={"inbound": inbound.id, "error": type(exc).__name__,
+                                  "sha256": inbound.sha256})
 
     def _inbound(self, s: Session, entry: SpoolEntry, raw: bytes, kind: str) -> Inbound:
         env = entry.envelope
