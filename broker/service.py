@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from sqlalchemy import select
@@ -28,28 +27,35 @@ log = logging.getLogger(__name__)
 
 
 class SlugCache:
-    """Child slugs for the RCPT check, refreshed at most every `ttl` seconds.
-
-    Called on the SMTP event loop: the refresh is one indexed query of a small table
-    every `ttl` seconds, a pause of about a millisecond, never per RCPT."""
+    """Child slugs for the RCPT check. Called on the SMTP event loop, so it never
+    touches the database there: a background thread refreshes the set every `ttl`
+    seconds (reading without a write lock), and a call returns the last known set."""
 
     def __init__(self, rt: Runtime, ttl: float = 2.0) -> None:
         self.rt = rt
         self.ttl = ttl
-        self._slugs: set[str] = set()
-        self._at = 0.0
-        self._lock = threading.Lock()
+        self._slugs: frozenset[str] = frozenset()
+        self._stop = threading.Event()
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="slug-cache", daemon=True)
+        self._thread.start()
+
+    def refresh(self) -> None:
+        try:
+            with self.rt.db.read_session() as s:
+                self._slugs = frozenset(s.scalars(select(Child.slug)).all())
+        except OperationalError:
+            log.warning("database unavailable; using the last known children")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def __call__(self) -> set[str]:
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                try:
-                    with self.rt.db.session() as s:
-                        self._slugs = set(s.scalars(select(Child.slug)).all())
-                    self._at = time.monotonic()
-                except OperationalError:
-                    log.warning("database unavailable; using the last known children")
-            return self._slugs
+        return set(self._slugs)
 
 
 class Worker(threading.Thread):
@@ -91,7 +97,7 @@ class Service:
 
     def __init__(self, settings: Settings, poll: float = 1.0,
                  roles: tuple[str, ...] = ROLES,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[str], None] | None = None) -> None:
         unknown = set(roles) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
@@ -102,10 +108,20 @@ class Service:
         self.sender_wake = threading.Event()
         self.pipeline = Pipeline(self.rt)
         self.sender = OutboxSender(self.rt)
+        self.slugs = SlugCache(self.rt)
+        local_pipeline = "pipeline" in roles
+
+        def stored(spool_id: str) -> None:
+            if local_pipeline:
+                self.pipeline.notify(spool_id)
+                self.pipeline_wake.set()
+            if on_stored is not None:
+                on_stored(spool_id)
+
         self.handler = handler = IntakeHandler(
             self.rt.spool,
-            address_acceptor(settings.domain, SlugCache(self.rt)),
-            on_stored=lambda _id: (self.pipeline_wake.set(), on_stored and on_stored()),
+            address_acceptor(settings.domain, self.slugs),
+            on_stored=stored,
             max_recipients=settings.limits.max_recipients,
             max_headers=settings.limits.max_headers,
             max_header_length=settings.limits.max_header_length,
@@ -138,6 +154,7 @@ class Service:
     def stop(self) -> None:
         # The intake first, so every 250 already given is on disk before workers stop.
         self.server.stop()
+        self.slugs.stop()
         self.handler.close()
         self.rt.spool.close()
         self.stop_event.set()

@@ -188,6 +188,9 @@ class World:
         """Register one more child's team in the same database."""
         with self.db.session() as s:
             apply_team(s, parse_team(team))
+        if self.service is not None:
+            # The intake learns new children within a couple of seconds; don't wait.
+            self.service.slugs.refresh()
 
     def all_to(self, addresses: tuple[str, ...] | list[str]) -> list[Received]:
         """Everything the relay was handed for any of these addresses."""

@@ -88,13 +88,13 @@ def _start(service: Service, settings: config.Settings) -> None:
 
 
 def _read_wakeups(service: Service, stop: threading.Event) -> None:
-    stream = sys.stdin.buffer
-    while True:
-        chunk = stream.read1(4096)
-        if not chunk:  # the intake process is gone: stop with it
-            stop.set()
-            return
+    """One spool id per line from the intake process; EOF means it is gone."""
+    for line in sys.stdin.buffer:
+        spool_id = line.strip().decode("ascii", "replace")
+        if spool_id:
+            service.pipeline.notify(spool_id)
         service.pipeline_wake.set()
+    stop.set()
 
 
 def _low_priority() -> None:
@@ -122,15 +122,16 @@ class _Workers:
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
 
-    def wake(self) -> None:
+    def wake(self, spool_id: str) -> None:
         with self.lock:
             proc = self.proc
             if proc is None or proc.stdin is None:
                 return
-            # A full pipe already means "there is work"; a closed one is handled by
-            # restart_if_dead. Neither may block the SMTP event loop.
+            # One line, far below PIPE_BUF, so the write is all or nothing. A full pipe
+            # drops the announcement (the workers' periodic listing finds the message);
+            # a closed one is handled by restart_if_dead. Neither blocks the event loop.
             with contextlib.suppress(BlockingIOError, BrokenPipeError, ValueError):
-                os.write(proc.stdin.fileno(), b".")
+                os.write(proc.stdin.fileno(), spool_id.encode("ascii") + b"\n")
 
     def restart_if_dead(self) -> None:
         with self.lock:

@@ -28,7 +28,12 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers (see Database.read_session) begin deferred: in WAL mode they never
+            # wait for a writer, which matters on the SMTP event loop.
+            if conn.get_execution_options().get("broker_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -43,6 +48,9 @@ class Database:
         # Sealed columns (models.SealedText) find the home's content key by this URL.
         self.engine.dialect.broker_url = url  # type: ignore[attr-defined]
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_factory = sessionmaker(
+            self.engine.execution_options(broker_readonly=True), expire_on_commit=False
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -54,6 +62,17 @@ class Database:
             s.rollback()
             raise
         finally:
+            s.close()
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reading only: on SQLite it takes no write lock (it never waits
+        behind a writer); anything it changes is rolled back."""
+        s = self._read_factory()
+        try:
+            yield s
+        finally:
+            s.rollback()
             s.close()
 
     @property

@@ -12,6 +12,8 @@ import datetime as dt
 import email
 import json
 import logging
+import time
+from collections import deque
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
@@ -44,11 +46,16 @@ log = logging.getLogger(__name__)
 
 # Spooled messages taken in per database transaction.
 BATCH = 20
+# How often the spool directory is listed in full when no announcement arrives.
+RESCAN_SECONDS = 2.0
 
 
 class Pipeline:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self._ids: deque[str] = deque()
+        self._last_scan = float("-inf")  # the first round lists the spool
+        self._backlog = False
         self.notifier = Notifier(rt.content, rt.settings.domain,
                                  signer=broker_private_key(rt.settings.home),
                                  per_day=rt.settings.limits.notices_per_address_per_day)
@@ -57,8 +64,26 @@ class Pipeline:
                                       max_parts=limits.max_mime_parts,
                                       max_attachments=limits.max_attachments)
 
+    def notify(self, spool_id: str) -> None:
+        """The intake stored this message (thread-safe)."""
+        self._ids.append(spool_id)
+
     def run_once(self, limit: int = 100) -> int:
-        entries = self.rt.spool.pending(limit)
+        """Work the ids the intake announced; list the whole spool directory only at
+        start, when the announcements may have missed something (every few seconds),
+        or while a backlog lasts. Listing a directory of thousands of files on every
+        round would slow the intake's own file creation in it."""
+        ids: list[str] = []
+        while self._ids and len(ids) < limit:
+            ids.append(self._ids.popleft())
+        if ids:
+            entries = [e for i in ids if (e := self.rt.spool.entry(i)) is not None]
+        elif self._backlog or time.monotonic() - self._last_scan >= RESCAN_SECONDS:
+            entries = self.rt.spool.pending(limit)
+            self._last_scan = time.monotonic()
+            self._backlog = len(entries) >= limit
+        else:
+            return 0
         for i in range(0, len(entries), BATCH):
             self.process_batch(entries[i:i + BATCH])
         return len(entries)

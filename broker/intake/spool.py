@@ -445,6 +445,18 @@ class Spool:
             out.append(SpoolEntry(id=spool_id, envelope=envelope, eml_path=eml))
         return out
 
+    def entry(self, spool_id: str) -> SpoolEntry | None:
+        """One committed message by id (None if it is gone or not committed): lets the
+        pipeline follow the intake's notifications without listing the directory."""
+        if not _ID_RE.match(spool_id):
+            return None
+        eml = self._path(spool_id, ".eml")
+        try:
+            envelope = Envelope.from_json(self._path(spool_id, ".json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return SpoolEntry(id=spool_id, envelope=envelope, eml_path=eml) if eml.exists() else None
+
     def envelope(self, spool_id: str) -> Envelope:
         """The committed envelope of one message (FileNotFoundError if not committed)."""
         return Envelope.from_json(self._path(spool_id, ".json").read_bytes())
