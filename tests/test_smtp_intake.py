@@ -50,12 +50,11 @@ RAW = (
 
 
 class FailingSpool(Spool):
-    """A real spool whose envelope write hits a full disk, after the .eml is already written."""
+    """A real spool whose write hits a full disk after part of the file is on disk."""
 
     def _write_file(self, path: Path, blob: bytes, *, sync: bool = True) -> None:
-        if path.name.endswith(".json.tmp"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        super()._write_file(path, blob, sync=sync)
+        path.write_bytes(blob[: len(blob) // 2])  # the half a full disk would leave
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 class Intake:
@@ -126,10 +125,10 @@ def test_250_only_after_message_is_committed(intake: Intake) -> None:
         code, reply = _send(c, RAW)
         assert code == 250
         spool_id = _queued_id(reply)
-        # At the moment the 250 arrives, both files exist and the marker parses.
-        root = intake.spool.root
-        assert (root / f"{spool_id}.eml").read_bytes() == RAW
-        env = Envelope.from_json((root / f"{spool_id}.json").read_text())
+        # At the moment the 250 arrives, the file is complete and its header parses.
+        assert intake.spool.read(spool_id) == RAW
+        assert intake.spool.stored_bytes(spool_id) == RAW  # no vault here: stored as is
+        env = intake.spool.envelope(spool_id)
     assert intake.stored == [spool_id]
     assert env.mail_from == SENDER
     assert env.rcpt_tos == (SAM,)
@@ -318,8 +317,8 @@ def test_spool_file_modes_and_removal(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     assert stat.S_IMODE(spool.root.stat().st_mode) == 0o700
     spool_id = spool.store(RAW, _envelope(RAW))
-    for suffix in (".eml", ".json"):
-        assert stat.S_IMODE((spool.root / f"{spool_id}{suffix}").stat().st_mode) == 0o600
+    assert [p.name for p in spool.root.iterdir()] == [f"{spool_id}.eml"]  # one file
+    assert stat.S_IMODE((spool.root / f"{spool_id}.eml").stat().st_mode) == 0o600
     with pytest.raises(ValueError):
         spool.store(RAW + b"x", _envelope(RAW))  # envelope must describe the data
     with pytest.raises(ValueError):
@@ -332,7 +331,8 @@ def test_spool_file_modes_and_removal(tmp_path: Path) -> None:
 def test_read_detects_damage(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool_id = spool.store(RAW, _envelope(RAW))
-    (spool.root / f"{spool_id}.eml").write_bytes(RAW.replace(b"well", b"WELL"))
+    path = spool.root / f"{spool_id}.eml"
+    path.write_bytes(path.read_bytes().replace(b"well", b"WELL"))  # same length, other bytes
     with pytest.raises(SpoolCorrupt):
         spool.read(spool_id)
 
@@ -341,16 +341,15 @@ def test_partial_eml_is_never_pending_and_is_cleaned_when_old(tmp_path: Path) ->
     spool = Spool(tmp_path / "spool")
     done = spool.store(RAW, _envelope(RAW))
     old, young = "00000000000000000001-00000000000000aa", "99999999999999999999-00000000000000bb"
-    (spool.root / f"{old}.eml").write_bytes(RAW)
-    (spool.root / f"{old}.json.tmp").write_bytes(b'{"half')
-    (spool.root / f"{young}.eml").write_bytes(RAW[:10])
+    whole = (spool.root / f"{done}.eml").read_bytes()
+    (spool.root / f"{old}.eml").write_bytes(whole[:-5])  # cut short: never acknowledged
+    (spool.root / f"{young}.eml").write_bytes(whole[:10])
     long_ago = time.time() - 3600
     os.utime(spool.root / f"{old}.eml", (long_ago, long_ago))
-    os.utime(spool.root / f"{old}.json.tmp", (long_ago, long_ago))
     assert [e.id for e in spool.pending()] == [done]
-    assert spool.cleanup_partial() == 2
+    assert spool.cleanup_partial() == 1
     names = sorted(p.name for p in spool.root.iterdir())
-    assert names == sorted([f"{done}.eml", f"{done}.json", f"{young}.eml"])
+    assert names == sorted([f"{done}.eml", f"{young}.eml"])
     assert [e.id for e in spool.pending()] == [done]
 
 
@@ -398,7 +397,7 @@ def test_failed_flush_fails_every_store_it_covered(tmp_path: Path, mode: CommitM
     assert failed and all(e.errno == errno.EIO for e in failed)
     # Exactly the acknowledged ones are committed; the failed ones left nothing behind.
     assert sorted(ok) == [e.id for e in spool.pending()]
-    assert len(list(spool.root.iterdir())) == 2 * len(ok)
+    assert len(list(spool.root.iterdir())) == len(ok)  # one file per message
     spool.close()
 
 
@@ -451,10 +450,12 @@ def test_damaged_spool_message_is_set_aside(tmp_path: Path) -> None:
     sid = spool.store(data, Envelope.for_message(data, mail_from="a@b.example",
                                                  rcpt_tos=("sam@records.example",),
                                                  peer="127.0.0.1", helo="t"))
-    (tmp_path / "spool" / f"{sid}.eml").write_bytes(b"tampered")
+    path = tmp_path / "spool" / f"{sid}.eml"
+    tampered = path.read_bytes().replace(b"body", b"BODY")
+    path.write_bytes(tampered)
     with pytest.raises(SpoolCorrupt):
         spool.read(sid)
     folder = spool.set_aside(sid)
     assert [e.id for e in spool.pending()] == []
-    assert (folder / f"{sid}.eml").read_bytes() == b"tampered"
+    assert (folder / f"{sid}.eml").read_bytes() == tampered
     spool.close()

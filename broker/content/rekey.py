@@ -22,7 +22,6 @@ loaded at start (a second rotation, or `broker key status`, finds those leftover
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -81,8 +80,9 @@ def count(settings: Settings, vault: vaults.Vault, db: Database) -> KeyCounts:
         counts.content[_hex(store.key_id_of(path))] += 1
     spool = Spool(settings.spool_dir, vault=vault)
     for path in spool.message_files():
-        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-            counts.spool[_hex(vaults.blob_key_id(f.read(64)))] += 1
+        blob = spool.stored_bytes_at(path)
+        if blob is not None:
+            counts.spool[_hex(vaults.blob_key_id(blob[:64]))] += 1
     with db.engine.connect() as conn:
         for table, id_col, col in SEALED_COLUMNS:
             t = _raw_table(table, id_col, col)

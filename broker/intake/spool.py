@@ -1,14 +1,15 @@
 """Durable on-disk spool for raw inbound mail (design promise 3: nothing accepted is lost).
 
 The SMTP intake answers 250 only after :meth:`Spool.store` returned, and ``store`` returns only
-once the message and its envelope are on stable storage. Layout, one flat directory (mode 0700)::
+once the message is on stable storage. Layout, one flat directory (mode 0700), one file per
+message (creating files is the dearest part of a store, so one and not two)::
 
-    <id>.eml        raw message bytes exactly as received (written and fsynced first)
-    <id>.json       envelope; its atomic appearance is the commit marker
-    <id>.json.tmp   envelope being written (never read)
+    <id>.eml    b"BRKSPOOL1 " + envelope JSON (with the length of what follows) + b"\n"
+                + the message bytes (sealed when a vault is given)
 
-An ``.eml`` without its ``.json`` is a half-written leftover: it was never acknowledged, is never
-handed out by :meth:`Spool.pending`, and :meth:`Spool.cleanup_partial` deletes it at start-up.
+A file is committed when it is complete (its length is what its header says) AND it was
+flushed before the 250: an incomplete file is a leftover of a store that never answered 250;
+:meth:`Spool.pending` never hands it out and :meth:`Spool.cleanup_partial` deletes it.
 
 This module is the single place where message bytes touch the disk, and encryption at rest wraps
 them here (:meth:`Spool._seal`, :meth:`Spool._unseal`): with a vault, ``<id>.eml`` holds an
@@ -55,6 +56,8 @@ _ID_RE = re.compile(r"^[0-9]{20}-[0-9a-f]{16}$")
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 PARTIAL_MAX_AGE = 60.0  # seconds; younger leftovers may belong to a store still running
+MAGIC = b"BRKSPOOL1 "
+MAX_HEADER = 64 * 1024  # an envelope with 100 recipients is a few KB
 
 CommitMode = Literal["batch", "each"]
 
@@ -169,24 +172,52 @@ class _Job:
     """One store waiting for the batch writer."""
 
     spool_id: str
-    blob: bytes
-    meta: bytes
+    data: bytes  # the whole file: header line and (sealed) message
     future: Future[str] = field(default_factory=Future)
     error: BaseException | None = None
+
+
+def _file_bytes(envelope: Envelope, stored: bytes) -> bytes:
+    """One spool file: the header line (envelope + length of what follows), then the bytes."""
+    head = json.loads(envelope.to_json())
+    head["stored_length"] = len(stored)
+    line = json.dumps(head, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return MAGIC + line + b"\n" + stored
+
+
+def _read_header(path: Path) -> tuple[Envelope, int, int] | None:
+    """(envelope, offset of the stored bytes, their length) of a COMPLETE spool file;
+    None when the file is gone, incomplete (a store that never answered 250) or foreign."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(MAX_HEADER)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return None
+    if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+        return None
+    try:
+        head = json.loads(first[len(MAGIC):])
+        length = int(head["stored_length"])
+        envelope = Envelope.from_json(first[len(MAGIC):])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if size != len(first) + length:
+        return None
+    return envelope, len(first), length
 
 
 class Spool:
     """Crash-safe store of raw messages between SMTP acceptance and the content store.
 
-    ``commit`` chooses how stores reach stable storage; both give the same guarantee (message
-    and envelope durable, envelope atomically committed last, before ``store`` returns):
+    ``commit`` chooses how stores reach stable storage; both give the same guarantee (the
+    complete file and its name durable before ``store`` returns):
 
     - ``"batch"`` (default, group commit): one writer thread takes every store waiting at that
       moment, writes their files, flushes them all at once (``syncfs``; per-file fsync where
-      syncfs cannot report errors), renames the envelopes into place and fsyncs the directory
-      once. Two flushes per batch instead of three per message; fastest in bench/intake.py.
-    - ``"each"``: the calling thread does its own three fsyncs (file, envelope, directory).
-      Simplest; kept as the reference the batch writer is measured against.
+      syncfs cannot report errors) and fsyncs the directory once. Fastest in bench/intake.py.
+    - ``"each"``: the calling thread fsyncs its own file and the directory. Simplest; kept as
+      the reference the batch writer is measured against.
 
     (A third variant - per-caller file fsyncs with a shared directory fsync - measured slowest
     of the three and was dropped.)
@@ -245,17 +276,31 @@ class Spool:
         from broker.crypto.vault import blob_key_id, replace_file
 
         assert self.vault is not None
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            return False
+        header = _read_header(path)
+        if header is None:
+            return False  # gone (taken in) or a leftover that was never acknowledged
+        envelope, offset, length = header
+        blob = path.read_bytes()[offset:offset + length]
         if blob_key_id(blob) == self.vault.current.id:
             return False
         sealed = self._seal(self._unseal(blob))
         if not path.exists():
             return False
-        replace_file(path, sealed, _FILE_MODE)
+        replace_file(path, _file_bytes(envelope, sealed), _FILE_MODE)
         return True
+
+    def stored_bytes(self, spool_id: str) -> bytes | None:
+        """The bytes as they sit on disk after the header (sealed when there is a vault)."""
+        return self.stored_bytes_at(self._path(spool_id, ".eml"))
+
+    @staticmethod
+    def stored_bytes_at(path: Path) -> bytes | None:
+        """:meth:`stored_bytes` of a message file found by :meth:`message_files`."""
+        header = _read_header(path)
+        if header is None:
+            return None
+        _, offset, length = header
+        return path.read_bytes()[offset:offset + length]
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -270,12 +315,8 @@ class Spool:
         if self.commit == "batch":
             return self.submit(data, envelope).result()
         spool_id = new_spool_id()
-        blob = self._seal(data)
-        meta = envelope.to_json().encode("utf-8")
         try:
-            self._write_file(self._path(spool_id, ".eml"), blob)
-            self._write_file(self._path(spool_id, ".json.tmp"), meta)
-            os.rename(self._path(spool_id, ".json.tmp"), self._path(spool_id, ".json"))
+            self._write_file(self._path(spool_id, ".eml"), _file_bytes(envelope, self._seal(data)))
             self._fsync_root()
         except BaseException:
             self._discard(spool_id)
@@ -289,7 +330,7 @@ class Spool:
         event loop call this directly and await the future."""
         if self.commit != "batch":
             raise RuntimeError("submit() needs the batch commit mode")
-        job = _Job(new_spool_id(), self._seal(data), envelope.to_json().encode("utf-8"))
+        job = _Job(new_spool_id(), _file_bytes(envelope, self._seal(data)))
         self._submit(job)
         return job.future
 
@@ -341,13 +382,12 @@ class Spool:
                 return
 
     def _commit_batch(self, batch: list[_Job]) -> None:
-        """Write, flush, rename, flush; every job's future ends resolved, with id or error."""
+        """Write, flush files, flush the directory; every job's future ends resolved."""
         written: list[_Job] = []
         try:
             for job in batch:
                 try:
-                    self._write_file(self._path(job.spool_id, ".eml"), job.blob, sync=False)
-                    self._write_file(self._path(job.spool_id, ".json.tmp"), job.meta, sync=False)
+                    self._write_file(self._path(job.spool_id, ".eml"), job.data, sync=False)
                     written.append(job)
                 except Exception as exc:
                     job.error = exc
@@ -355,11 +395,6 @@ class Spool:
             try:
                 if written:
                     self._flush_files(written)
-                    for job in written:
-                        os.rename(
-                            self._path(job.spool_id, ".json.tmp"),
-                            self._path(job.spool_id, ".json"),
-                        )
                     self._fsync_root()
             except Exception as exc:
                 for job in written:
@@ -377,7 +412,7 @@ class Spool:
                     job.future.set_exception(job.error)
 
     def _flush_files(self, jobs: list[_Job]) -> None:
-        """Make the data of the batch's files durable (before any rename commits them)."""
+        """Make the batch's files durable (before any of them is acknowledged)."""
         if _SYNCFS is not None:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -388,18 +423,16 @@ class Spool:
                 os.close(fd)
             return
         for job in jobs:
-            for suffix in (".eml", ".json.tmp"):
-                fd = os.open(self._path(job.spool_id, suffix), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            fd = os.open(self._path(job.spool_id, ".eml"), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _discard(self, spool_id: str) -> None:
-        """Take back an unacknowledged store: commit marker first, then the rest."""
-        for suffix in (".json", ".json.tmp", ".eml"):
-            with contextlib.suppress(OSError):
-                self._path(spool_id, suffix).unlink()
+        """Take back an unacknowledged store."""
+        with contextlib.suppress(OSError):
+            self._path(spool_id, ".eml").unlink()
 
     def _write_file(self, path: Path, blob: bytes, *, sync: bool = True) -> None:
         """Create ``path`` (0600, must not exist), write all of ``blob``, fsync it if asked."""
@@ -421,50 +454,48 @@ class Spool:
     # -- reading ---------------------------------------------------------------------------------
 
     def pending(self, limit: int | None = None) -> list[SpoolEntry]:
-        """Committed messages in arrival (id) order; uncommitted leftovers are never listed."""
+        """Committed messages in arrival (id) order; incomplete leftovers are never listed."""
         ids = sorted(
-            name[:-5]
+            name[:-4]
             for name in os.listdir(self.root)
-            if name.endswith(".json") and _ID_RE.match(name[:-5])
+            if name.endswith(".eml") and _ID_RE.match(name[:-4])
         )
         out: list[SpoolEntry] = []
         for spool_id in ids:
             if limit is not None and len(out) >= limit:
                 break
-            eml = self._path(spool_id, ".eml")
-            try:
-                envelope = Envelope.from_json(self._path(spool_id, ".json").read_bytes())
-            except FileNotFoundError:
-                continue  # removed concurrently
-            except ValueError:
-                log.error("spool: unreadable envelope for %s, skipped", spool_id)
-                continue
-            if not eml.exists():
-                log.error("spool: %s has an envelope but no message file, skipped", spool_id)
-                continue
-            out.append(SpoolEntry(id=spool_id, envelope=envelope, eml_path=eml))
+            entry = self.entry(spool_id)
+            if entry is not None:
+                out.append(entry)
         return out
 
     def entry(self, spool_id: str) -> SpoolEntry | None:
-        """One committed message by id (None if it is gone or not committed): lets the
+        """One committed message by id (None if it is gone or incomplete): lets the
         pipeline follow the intake's notifications without listing the directory."""
         if not _ID_RE.match(spool_id):
             return None
-        eml = self._path(spool_id, ".eml")
-        try:
-            envelope = Envelope.from_json(self._path(spool_id, ".json").read_bytes())
-        except (FileNotFoundError, ValueError):
-            return None
-        return SpoolEntry(id=spool_id, envelope=envelope, eml_path=eml) if eml.exists() else None
+        path = self._path(spool_id, ".eml")
+        header = _read_header(path)
+        return SpoolEntry(id=spool_id, envelope=header[0], eml_path=path) if header else None
 
     def envelope(self, spool_id: str) -> Envelope:
-        """The committed envelope of one message (FileNotFoundError if not committed)."""
-        return Envelope.from_json(self._path(spool_id, ".json").read_bytes())
+        """The envelope of one committed message (FileNotFoundError if there is none)."""
+        header = _read_header(self._path(spool_id, ".eml"))
+        if header is None:
+            raise FileNotFoundError(f"no committed spool message {spool_id}")
+        return header[0]
 
     def read(self, spool_id: str) -> bytes:
         """Raw bytes of a committed message, checked against the recorded sha256."""
-        envelope = self.envelope(spool_id)
-        data = self._unseal(self._path(spool_id, ".eml").read_bytes())
+        path = self._path(spool_id, ".eml")
+        header = _read_header(path)
+        if header is None:
+            raise FileNotFoundError(f"no committed spool message {spool_id}")
+        envelope, offset, length = header
+        try:
+            data = self._unseal(path.read_bytes()[offset:offset + length])
+        except Exception as exc:  # a sealed blob that no longer opens: damaged
+            raise SpoolCorrupt(f"spool message {spool_id} cannot be opened") from exc
         if len(data) != envelope.size or hashlib.sha256(data).hexdigest() != envelope.sha256:
             raise SpoolCorrupt(f"spool message {spool_id} does not match its envelope")
         return data
@@ -472,62 +503,45 @@ class Spool:
     @contextlib.contextmanager
     def message_file(self, spool_id: str) -> Iterator[Path]:
         """A file path holding the plaintext of a committed message, for parsers that read
-        files: the spool file itself when nothing is sealed, else an in-memory copy."""
-        if self.vault is None:
-            yield self._path(spool_id, ".eml")
-            return
+        files: an in-memory copy (the spool file also holds its header)."""
         with plaintext_file(self.read(spool_id)) as path:
             yield path
 
     # -- removal ---------------------------------------------------------------------------------
 
     def set_aside(self, spool_id: str) -> Path:
-        """Move a damaged message out of the queue into ``damaged/`` for the operator:
-        envelope first, so it is never pending again, then the bytes."""
+        """Move a damaged message out of the queue into ``damaged/`` for the operator."""
         damaged = self.root / "damaged"
         damaged.mkdir(mode=0o700, exist_ok=True)
-        for suffix in (".json", ".eml"):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self._path(spool_id, suffix), damaged / f"{spool_id}{suffix}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self._path(spool_id, ".eml"), damaged / f"{spool_id}.eml")
         _fsync_dir(self.root)
         return damaged
 
     def remove(self, spool_id: str) -> None:
-        """Drop a message once the content store has it: marker first, so a crash in between
-        leaves only an uncommitted leftover (never a committed message without its bytes)."""
-        with contextlib.suppress(FileNotFoundError):
-            self._path(spool_id, ".json").unlink()
+        """Drop a message once the database has it."""
         with contextlib.suppress(FileNotFoundError):
             self._path(spool_id, ".eml").unlink()
 
     def cleanup_partial(self, max_age: float = PARTIAL_MAX_AGE) -> int:
-        """Delete uncommitted leftovers older than ``max_age`` seconds; returns how many.
+        """Delete incomplete leftovers older than ``max_age`` seconds; returns how many.
 
         Called at start-up. The age guard spares files of a store that is still running."""
         now = time.time()
-        names = set(os.listdir(self.root))
         removed = 0
-        for name in names:
-            if name.endswith(".eml"):
-                spool_id = name[:-4]
-                if f"{spool_id}.json" in names:
-                    continue
-            elif name.endswith(".json.tmp"):
-                spool_id = name[:-9]
-            else:
-                continue
-            if not _ID_RE.match(spool_id):
+        for name in os.listdir(self.root):
+            if not (name.endswith(".eml") and _ID_RE.match(name[:-4])):
                 continue
             path = self.root / name
             try:
-                if now - path.stat().st_mtime < max_age:
+                if now - path.stat().st_mtime < max_age or _read_header(path) is not None:
                     continue
                 path.unlink()
             except FileNotFoundError:
                 continue
             removed += 1
         if removed:
-            log.warning("spool: removed %d uncommitted leftover file(s)", removed)
+            log.warning("spool: removed %d incomplete leftover file(s)", removed)
         return removed
 
     def _path(self, spool_id: str, suffix: str) -> Path:
