@@ -6,7 +6,6 @@ approved ReleaseContent, so only what the parent saw in the preview can leave.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
@@ -75,13 +74,3 @@ def queue_release(
         )
         hashes[person.email] = delivery.sha256
     return hashes
-
-
-def describe_draft_counts(redacted: int, phrases: int, dropped: int, note: bool) -> dict:
-    """What the audit says about a decision without repeating removed content."""
-    return {"paragraphs_removed": redacted, "phrases_removed": phrases,
-            "attachments_dropped": dropped, "note": note}
-
-
-def tags_of(person: Person) -> list[str]:
-    return list(json.loads(person.tags or "[]"))

@@ -18,8 +18,7 @@ from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
 from broker.crypto.keys import broker_private_key
-from broker.db.models import Delivery, Person, Record
-from broker.db.models import utcnow as _utcnow
+from broker.db.models import Delivery, Person, Record, utcnow
 from broker.mail.compose import bounce_address
 from broker.records import states
 from broker.records.transitions import transition
@@ -41,10 +40,6 @@ class Claimed:
     content_ref: str
     attempts: int
     created_at: dt.datetime
-
-
-def utcnow() -> dt.datetime:
-    return _utcnow()
 
 
 class OutboxSender:
