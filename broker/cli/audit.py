@@ -162,7 +162,7 @@ def show(
     as_csv: bool,
 ) -> None:
     """The listing itself, once the options are known to be consistent."""
-    with broker.db.session() as s:
+    with broker.db.read_session() as s:
         check_child(s, child)
         if show_all:
             items: Sequence[Any] = queries.events(s, child, since, until, record)
@@ -237,7 +237,7 @@ def audit(
 @with_broker
 def verify(broker: Broker) -> None:
     """Walk the whole hash chain; exit 1 and name the first bad event if it was altered."""
-    with broker.db.session() as s:
+    with broker.db.read_session() as s:
         verdict = verify_log(s)
     if verdict.ok:
         click.echo(f"audit log OK: {verdict.checked} events")

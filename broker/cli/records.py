@@ -117,7 +117,7 @@ def list_records(
     broker: Broker, *, child: str | None, state: tuple[str, ...], as_json: bool
 ) -> None:
     """The listing, oldest first."""
-    with broker.db.session() as s:
+    with broker.db.read_session() as s:
         check_child(s, child)
         query = select(Record, Child.slug).join(Child, Record.child_id == Child.id)
         if child is not None:

@@ -47,7 +47,7 @@ def team() -> None:
 @with_broker
 def show(broker: Broker, slug: str, as_json: bool) -> None:
     """Print SLUG's child, guardians and team members."""
-    with broker.db.session() as s:
+    with broker.db.read_session() as s:
         child = s.scalar(select(Child).where(Child.slug == slug))
         if child is None:
             raise click.ClickException(f"no child {slug!r}; `broker apply` creates one")
