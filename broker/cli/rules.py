@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-# The rules shipped with the broker: the repository's top-level rules/ folder.
-SHIPPED_RULES = Path(__file__).resolve().parents[2] / "rules"
+from broker.runtime import SHIPPED_RULES, rules_folder
+
+__all__ = ["SHIPPED_RULES", "default_rules_dir", "rules"]
 
 
 def default_rules_dir(home: str | None) -> Path:
     """`<home>/rules` when the home has one, else the shipped rules/."""
-    value = home or os.environ.get("BROKER_HOME")
-    if value and (Path(value) / "rules").is_dir():
-        return Path(value) / "rules"
-    return SHIPPED_RULES
+    return rules_folder(home)
 
 
 @click.group()

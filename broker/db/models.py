@@ -86,6 +86,12 @@ class Child(Base):
     birthdate: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
     jurisdiction: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Team file: "any" (one guardian's decision is enough) or "all" (a release waits for
+    # every guardian's APPROVE of the same version).
+    approval: Mapped[str] = mapped_column(String(8), default="any", server_default="any")
+    # After the student comes of age: the student handed decisions back to the guardians
+    # (`broker team delegate`).
+    delegated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     people: Mapped[list[Person]] = relationship(back_populates="child", order_by="Person.id")
 
@@ -98,7 +104,7 @@ class Person(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     child_id: Mapped[int] = mapped_column(ForeignKey("children.id"), index=True)
-    role: Mapped[str] = mapped_column(String(16))  # guardian | provider | school
+    role: Mapped[str] = mapped_column(String(16))  # guardian | student | provider | school
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str] = mapped_column(String(320))
     tags: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
@@ -158,6 +164,10 @@ class Record(Base):
     draft_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=0)
     hold_reasons: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
+    # What the rules found (broker.policy.evaluate.Evaluation as JSON): categories, each
+    # matched rule with its reason, routing, patterns, consents. Sealed: the reasons quote
+    # words of the message.
+    policy: Mapped[str] = mapped_column(SealedText, default="{}")
     quarantine_reason: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -177,6 +187,9 @@ class Token(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     version: Mapped[int] = mapped_column(Integer)  # the draft version it shows
     status: Mapped[str] = mapped_column(String(16), default="live")  # live|used|superseded|dead
+    # "review": decides the record; "fyi": sent with the copy of an automatic release, its
+    # only use is REVOKE (the consent the record went out under).
+    purpose: Mapped[str] = mapped_column(String(8), default="review", server_default="review")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -202,12 +215,75 @@ class Delivery(Base):
     # For the audit when a release copy is delivered: subject, attachments, released_by.
     # Sealed (SealedText): it names the subject and attachments.
     summary: Mapped[str] = mapped_column(SealedText, default="{}")
+    # Release copies: the consent the copy goes out under; None = parent-directed (an
+    # explicit approval of this record). Revoking the consent cancels queued copies.
+    consent_id: Mapped[int | None] = mapped_column(ForeignKey("consents.id"), nullable=True,
+                                                   index=True)
+    # queued | sent | failed | cancelled (consent revoked before it left)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Consent(Base):
+    """A release on file (DESIGN.md section 6): who may tell whom what, for what purpose,
+    from when until when, signed by whom. Never deleted: revoked or renewed (a renewal is a
+    new consent pointing at the one it replaces). Lists are JSON: people by address,
+    tags as "tag:<name>"."""
+
+    __tablename__ = "consents"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    child_id: Mapped[int] = mapped_column(ForeignKey("children.id"), index=True)
+    disclosers: Mapped[str] = mapped_column(Text)  # JSON list: addresses and tag:x
+    recipients: Mapped[str] = mapped_column(Text)  # JSON list: addresses and tag:x
+    categories: Mapped[str] = mapped_column(Text)  # JSON list of rules categories
+    purpose: Mapped[str] = mapped_column(Text)
+    valid_from: Mapped[dt.date] = mapped_column(Date)
+    valid_until: Mapped[dt.date] = mapped_column(Date)  # last day it covers
+    signed_by: Mapped[str] = mapped_column(Text)  # JSON list of addresses
+    mode: Mapped[str] = mapped_column(String(8), default="review")  # review | auto
+    form_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    form_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[str] = mapped_column(String(12), default="active")  # active | revoked
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(320), default="operator")
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_by: Mapped[str] = mapped_column(String(320), default="")
+    renews_id: Mapped[int | None] = mapped_column(ForeignKey("consents.id"), nullable=True)
+
+    child: Mapped[Child] = relationship()
+
+
+class Approval(Base):
+    """One decider's decision on one version of a record, when a release waits for
+    several (approval = "all", a student's co-consent)."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("record_id", "version", "person_id",
+                                       name="uq_approvals_record_version_person"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    record_id: Mapped[int] = mapped_column(ForeignKey("records.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    person_id: Mapped[int] = mapped_column(ForeignKey("people.id"))
+    decision: Mapped[str] = mapped_column(String(8))  # approve | deny
+    auth: Mapped[str] = mapped_column(String(16), default="")
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SentReminder(Base):
+    """What the scheduler has sent, by a key naming the occasion ("hold:12:day3"): the
+    unique key is what makes a reminder go out once, across restarts and processes."""
+
+    __tablename__ = "sent_reminders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ContentBlob(Base):

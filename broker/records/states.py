@@ -12,19 +12,23 @@ RELEASE_FAILED = "release_failed"
 DENIED = "denied"
 EXPIRED = "expired"
 QUARANTINED = "quarantined"
+# Every queued copy was cancelled (its consent revoked) before any left: nothing was sent.
+STOPPED = "stopped"
 
 ALLOWED: dict[str, frozenset[str]] = {
     RECEIVED: frozenset({HELD, QUARANTINED}),
-    HELD: frozenset({AWAITING_REVIEW, DENIED, EXPIRED}),
+    # held -> approved: released at once under an automatic consent (no review needed).
+    HELD: frozenset({AWAITING_REVIEW, APPROVED, DENIED, EXPIRED}),
     # awaiting_review -> awaiting_review is a preview: a new draft, a fresh token.
     AWAITING_REVIEW: frozenset({AWAITING_REVIEW, APPROVED, DENIED, EXPIRED}),
     APPROVED: frozenset({RELEASING}),
-    RELEASING: frozenset({RELEASED, RELEASE_FAILED}),
+    RELEASING: frozenset({RELEASED, RELEASE_FAILED, STOPPED}),
     RELEASED: frozenset(),
     RELEASE_FAILED: frozenset(),
     DENIED: frozenset(),
     EXPIRED: frozenset(),
     QUARANTINED: frozenset(),
+    STOPPED: frozenset(),
 }
 
 FINAL = frozenset(s for s, nxt in ALLOWED.items() if not nxt)

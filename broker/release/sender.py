@@ -30,6 +30,9 @@ from broker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 LEASE = dt.timedelta(minutes=10)
+# Summary fields that quote the record (subject, file names): kept in the sealed delivery
+# summary only, never copied into the audit (which can never be re-encrypted).
+SEALED_ONLY = frozenset({"subject", "attachments", "attachments_detail"})
 BROKER_ACTOR = "broker"
 
 
@@ -111,7 +114,7 @@ class OutboxSender:
                     description={"record": record.id, "delivery": row.id,
                                  "message_id": row.message_id, "sha256": row.sha256,
                                  **{k: v for k, v in summary.items()
-                                    if k not in ("subject", "attachments")}},
+                                    if k not in SEALED_ONLY}},
                 )
                 self._settle(s, record)
         log.info("delivery %s sent", item.id)

@@ -25,16 +25,17 @@ def apply_team(s: Session, spec: TeamSpec, actor: str = OPERATOR) -> list[str]:
     child = s.scalar(select(Child).where(Child.slug == spec.slug))
     if child is None:
         child = Child(slug=spec.slug, name=spec.name, birthdate=spec.birthdate,
-                      jurisdiction=spec.jurisdiction)
+                      jurisdiction=spec.jurisdiction, approval=spec.approval)
         s.add(child)
         s.flush()
         changes.append(f"child {spec.slug} created")
         _audit(s, spec.slug, actor, "child_created",
                {"name": spec.name, "jurisdiction": spec.jurisdiction,
+                "approval": spec.approval,
                 "birthdate": spec.birthdate.isoformat() if spec.birthdate else None})
     else:
         fields = {"name": spec.name, "birthdate": spec.birthdate,
-                  "jurisdiction": spec.jurisdiction}
+                  "jurisdiction": spec.jurisdiction, "approval": spec.approval}
         diff = {k: v for k, v in fields.items() if getattr(child, k) != v}
         if diff:
             for k, v in diff.items():

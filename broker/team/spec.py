@@ -24,6 +24,7 @@ RESERVED_SLUGS = frozenset({"review", "bounces", "postmaster", "abuse", "mailer-
 # Reply-authentication modes from weakest to strongest; a guardian's own setting can
 # only raise the bar set in broker.toml, never lower it.
 AUTH_STRENGTH = ("token", "dkim", "pgp")
+APPROVAL_MODES = ("any", "all")
 
 
 class TeamFileError(Exception):
@@ -34,7 +35,7 @@ class TeamFileError(Exception):
 class PersonSpec:
     name: str
     email: str
-    role: str  # guardian | provider | school
+    role: str  # guardian | student | provider | school
     tags: tuple[str, ...] = ()
     pgp_key: str | None = None  # armored public key, read from the file pgp_key names
     pgp_key_revoked: bool = False
@@ -51,10 +52,15 @@ class TeamSpec:
     jurisdiction: str | None
     guardians: tuple[PersonSpec, ...]
     members: tuple[PersonSpec, ...]
+    # "any": one guardian's decision is enough; "all": a release waits for every guardian.
+    approval: str = "any"
+    # The child's own address: gets review requests where the jurisdiction gives the child
+    # a say (co-consent) and decides alone from the age of majority.
+    student: PersonSpec | None = None
 
     @property
     def people(self) -> tuple[PersonSpec, ...]:
-        return self.guardians + self.members
+        return self.guardians + ((self.student,) if self.student else ()) + self.members
 
 
 def _email(value: object, where: str) -> str:
@@ -136,6 +142,10 @@ def parse_team(text: str, source: str = "team file", base: Path | None = None) -
         except ValueError as exc:
             raise TeamFileError(f"{source} [child]: birthdate must be YYYY-MM-DD") from exc
     jurisdiction = _str(child, "jurisdiction", f"{source} [child]", required=False)
+    approval = _str(child, "approval", f"{source} [child]", required=False) or "any"
+    if approval not in APPROVAL_MODES:
+        raise TeamFileError(f"{source} [child]: approval must be \"any\" or \"all\", "
+                            f"got {approval!r}")
 
     guardians: list[PersonSpec] = []
     for i, g in enumerate(raw.get("guardians", []), start=1):
@@ -154,6 +164,26 @@ def parse_team(text: str, source: str = "team file", base: Path | None = None) -
     if not guardians:
         raise TeamFileError(f"{source}: at least one [[guardians]] entry is required")
 
+    student: PersonSpec | None = None
+    raw_student = raw.get("student")
+    if raw_student is not None:
+        where = f"{source} [student]"
+        if not isinstance(raw_student, dict):
+            raise TeamFileError(f"{where}: must be a table with name and email")
+        key, revoked = _pgp(raw_student, where, base)
+        auth = _str(raw_student, "authentication", where, required=False)
+        if auth is not None and auth not in AUTH_STRENGTH:
+            raise TeamFileError(f"{where}: authentication must be one of "
+                                f"{', '.join(AUTH_STRENGTH)}, got {auth!r}")
+        if auth == "pgp" and key is None:
+            raise TeamFileError(f"{where}: authentication = \"pgp\" needs a pgp_key")
+        if birthdate is None:
+            raise TeamFileError(f"{where}: the child's birthdate is needed to know when the "
+                                "student has a say ([child] birthdate = YYYY-MM-DD)")
+        student = PersonSpec(_str(raw_student, "name", where) or "",
+                             _email(raw_student.get("email"), where), "student",
+                             pgp_key=key, pgp_key_revoked=revoked, authentication=auth)
+
     members: list[PersonSpec] = []
     for i, m in enumerate(raw.get("members", []), start=1):
         where = f"{source} [[members]] #{i}"
@@ -171,8 +201,9 @@ def parse_team(text: str, source: str = "team file", base: Path | None = None) -
         )
 
     seen: dict[str, str] = {}
-    for p in guardians + members:
+    for p in guardians + ([student] if student else []) + members:
         if p.email in seen:
             raise TeamFileError(f"{source}: {p.email} appears twice ({seen[p.email]} and {p.role})")
         seen[p.email] = p.role
-    return TeamSpec(slug, name, birthdate, jurisdiction, tuple(guardians), tuple(members))
+    return TeamSpec(slug, name, birthdate, jurisdiction, tuple(guardians), tuple(members),
+                    approval=approval, student=student)
