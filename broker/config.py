@@ -59,14 +59,16 @@ class Settings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     database_url: str = ""
     max_message_size: int = 25 * 1024 * 1024
-    hold_days: float = 14.0
+    # broker.toml [hold] lifetime_days: overrides rules/default.toml [hold] when set.
+    hold_days: float | None = None
     reply_auth: str = "token"
     # authserv-ids of the operator's own MTA whose Authentication-Results are believed
     # (lower case); see broker.crypto.authresults for which of its headers count.
     trusted_authserv_ids: tuple[str, ...] = ()
     # Connecting addresses whose Authentication-Results may be believed at all.
     trusted_relays: tuple[str, ...] = ("127.0.0.1", "::1")
-    notify_sender_on_release: bool = True
+    # [receipts] forwarded: tell the sender when their message was forwarded.
+    notify_sender_on_release: bool = False
     # Retry schedule for outbound copies, in seconds; the last step repeats until
     # give_up_after seconds have passed since the first attempt.
     retry_schedule: tuple[float, ...] = (60, 300, 1800, 7200, 21600)
@@ -185,16 +187,26 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         relay=relay,
         database_url=url or default_database_url(home),
         max_message_size=size,
-        hold_days=need(hold, "lifetime_days", float, "hold.") or 14.0,
+        hold_days=need(hold, "lifetime_days", float, "hold.") or None,
         reply_auth=auth,
         trusted_authserv_ids=tuple(dict.fromkeys(t.strip().lower() for t in trusted)),
         trusted_relays=tuple(relays),
-        notify_sender_on_release=bool(release.get("notify_sender", True)),
+        notify_sender_on_release=_forwarded_receipts(raw.get("receipts", {}), release, source),
         retry_schedule=tuple(float(s) for s in schedule) if schedule else Settings.retry_schedule,
         give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
         expiry_interval=need(hold, "check_interval", float, "hold.") or 60.0,
         limits=limits,
     )
+
+
+def _forwarded_receipts(receipts: object, release: dict, source: str) -> bool:
+    """[receipts] forwarded (older homes: [release] notify_sender); off by default."""
+    if not isinstance(receipts, dict):
+        raise ConfigError(f"{source}: [receipts] must be a table")
+    value = receipts.get("forwarded", release.get("notify_sender", False))
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: receipts.forwarded must be true or false")
+    return value
 
 
 def _limits(section: object, source: str) -> Limits:
@@ -274,8 +286,9 @@ timeout = 30.0
 url = ""
 
 [hold]
-# Days a record waits for a decision; then it expires and is treated as denied.
-lifetime_days = 14
+# Days a record waits for a decision, and the reminder days, are set in the rules
+# (rules/default.toml [hold]). Uncomment to override the lifetime for this broker:
+# lifetime_days = 30
 # Seconds between checks for expired holds.
 check_interval = 60
 
@@ -300,9 +313,10 @@ trusted_authserv_ids = []
 # connection to the intake). Mail from anywhere else is judged by DKIM alone.
 trusted_relays = ["127.0.0.1", "::1"]
 
-[release]
-# Tell the sender when their message has been forwarded (never what was decided).
-notify_sender = true
+[receipts]
+# Senders always get a receipt when their message is held for the family's review.
+# true: also tell them when it was forwarded (never what was decided, never a denial).
+forwarded = false
 
 [outbox]
 # Seconds between delivery attempts; the last step repeats until give_up_after.

@@ -1,5 +1,6 @@
 """`broker serve`: the SMTP intake, the pipeline worker, the outbox sender and the
-expiry timer, wired together in one process.
+scheduler (role "expiry": hold expiry, reminders, consent and coming-of-age notices;
+broker.schedule), wired together in one process.
 
 The SMTP server only spools; each worker is a plain thread with its own loop, woken
 early by an event when there is new work and otherwise polling, so nothing is
@@ -19,9 +20,9 @@ from broker.config import Settings
 from broker.db.models import Child
 from broker.intake.pipeline import Pipeline
 from broker.intake.smtp import IntakeHandler, IntakeServer, address_acceptor
-from broker.records.expiry import expire_due
 from broker.release.sender import OutboxSender
 from broker.runtime import Runtime
+from broker.schedule.run import run_schedule
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,9 @@ class Service:
                    wake=self.pipeline_wake, after=self.sender_wake.set),
             Worker("outbox", self.sender.run_once, self.stop_event, poll,
                    wake=self.sender_wake),
-            Worker("expiry", lambda: expire_due(self.rt), self.stop_event,
+            # The scheduler (broker.schedule): expires holds and sends reminders and
+            # notices. Still named "expiry" so existing --role uses keep working.
+            Worker("expiry", lambda: run_schedule(self.rt), self.stop_event,
                    settings.expiry_interval, after=self.sender_wake.set),
         ]
         self.workers = [w for w in workers if w.name in roles]

@@ -38,7 +38,7 @@ TEAM = """
 slug = "sam"
 name = "Sam Rivera"
 birthdate = "2014-03-02"
-jurisdiction = "us-il"
+jurisdiction = "us-federal"
 
 [[guardians]]
 name = "Dana Rivera"
@@ -48,13 +48,13 @@ email = "dana@home.example"
 name = "Dr. Lee"
 email = "lee@clinic.example"
 role = "provider"
-tags = ["therapy"]
+tags = ["ot"]
 
 [[members]]
 name = "Ms Park"
 email = "park@school.example"
 role = "school"
-tags = ["teacher"]
+tags = ["teacher", "case-manager"]
 
 [[members]]
 name = "Mr Ortiz"
@@ -119,6 +119,8 @@ class World:
             # Token mode unless a story asks for more (reply_auth=...): nothing here signs.
             config.render_config(domain=DOMAIN, listen="127.0.0.1:0",
                                  relay=f"127.0.0.1:{self.relay_port}", auth="token")
+            # The same database for `broker ... --home` commands a story runs.
+            .replace('url = ""', f'url = "{db_url}"', 1)
         )
         base = config.load(home)
         fields = {"database_url": db_url, "retry_schedule": (0.2, 0.5, 1.0),

@@ -18,7 +18,8 @@ from tests.harness import DOMAIN, World, reply_to, report
 
 @pytest.fixture
 def world(tmp_path: Path, db_url: str) -> Iterator[World]:
-    w = World(tmp_path / "home", db_url).start()
+    # [receipts] forwarded = true: the provider is told when the family shared it.
+    w = World(tmp_path / "home", db_url, notify_sender_on_release=True).start()
     yield w
     w.stop()
 

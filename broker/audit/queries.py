@@ -41,6 +41,10 @@ class Disclosure:
     attachments: tuple[str, ...]
     sha256: str
     released_by: str
+    # Not part of the export format: the copy's delivery row (None for events written
+    # before deliveries were named) and everything known about it (summary + event).
+    delivery_id: int | None = None
+    details: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form; the field names are the export format, keep them stable."""
@@ -155,6 +159,7 @@ def _to_disclosure(row: Row[Any], summary: dict[str, Any] | None = None) -> Disc
     desc = _loads(row.description, {})
     if not isinstance(desc, dict):
         desc = {}
+    delivery_id = _delivery_id(desc)
     # What was sent lives in the sealed delivery summary; the event's own fields win
     # (legacy events carry the subject themselves).
     desc = {**(summary or {}), **desc}
@@ -173,6 +178,8 @@ def _to_disclosure(row: Row[Any], summary: dict[str, Any] | None = None) -> Disc
         attachments=tuple(str(a) for a in attachments),
         sha256=str(desc.get("sha256") or ""),
         released_by=str(desc.get("released_by") or ""),
+        delivery_id=delivery_id,
+        details=desc,
     )
 
 
@@ -221,6 +228,96 @@ def events(
     """Every audit event matching the filters, oldest first (chain order)."""
     query = _filtered(select(TABLE), child, since, until, record_id)
     return [_to_event(row) for row in s.execute(query)]
+
+
+@dataclass(frozen=True)
+class ReleaseCopy:
+    """One release copy as the outbox holds it, its sealed summary opened."""
+
+    id: int
+    record_id: int | None
+    person_id: int | None
+    recipient: str
+    message_id: str
+    sha256: str
+    consent_id: int | None
+    state: str  # queued | sent | failed | cancelled
+    attempts: int
+    last_error: str
+    created_at: dt.datetime
+    sent_at: dt.datetime | None
+    summary: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+_COPY_COLUMNS = (
+    Delivery.id, Delivery.record_id, Delivery.person_id, Delivery.recipient,
+    Delivery.message_id, Delivery.sha256, Delivery.consent_id, Delivery.state,
+    Delivery.attempts, Delivery.last_error, Delivery.created_at, Delivery.sent_at,
+    Delivery.summary,
+)  # fmt: skip
+
+
+def _to_copy(row: Row[Any]) -> ReleaseCopy:
+    summary = _loads(row.summary, {})
+    return ReleaseCopy(
+        id=row.id, record_id=row.record_id, person_id=row.person_id, recipient=row.recipient,
+        message_id=row.message_id, sha256=row.sha256, consent_id=row.consent_id,
+        state=row.state, attempts=row.attempts, last_error=row.last_error or "",
+        created_at=row.created_at, sent_at=row.sent_at,
+        summary=summary if isinstance(summary, dict) else {},
+    )
+
+
+def release_copies(
+    s: Session,
+    *,
+    ids: list[int] | None = None,
+    child_id: int | None = None,
+    states: tuple[str, ...] = (),
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+) -> list[ReleaseCopy]:
+    """Release copies by id (batched), or of one child in some states, queued in a period
+    (by created_at: when the approved copy was queued), oldest first."""
+    base = select(*_COPY_COLUMNS).where(Delivery.kind == "release")
+    if ids is not None:
+        out: list[ReleaseCopy] = []
+        unique = sorted(set(ids))
+        for i in range(0, len(unique), SUMMARY_BATCH):
+            chunk = unique[i : i + SUMMARY_BATCH]
+            out.extend(_to_copy(r) for r in s.execute(base.where(Delivery.id.in_(chunk))))
+        return sorted(out, key=lambda c: c.id)
+    query = base
+    if child_id is not None:
+        query = query.where(Delivery.child_id == child_id)
+    if states:
+        query = query.where(Delivery.state.in_(states))
+    if since is not None:
+        query = query.where(Delivery.created_at >= day_start(since))
+    if until is not None:
+        query = query.where(Delivery.created_at < day_start(until + dt.timedelta(days=1)))
+    return [_to_copy(r) for r in s.execute(query.order_by(Delivery.created_at, Delivery.id))]
+
+
+def record_events(
+    s: Session, record_ids: list[int], actions: tuple[str, ...]
+) -> list[EventRow]:
+    """The events of these records with these actions (record_id index, batched), by seq."""
+    out: list[EventRow] = []
+    unique = sorted(set(record_ids))
+    for i in range(0, len(unique), SUMMARY_BATCH):
+        chunk = unique[i : i + SUMMARY_BATCH]
+        query = select(TABLE).where(AuditEvent.record_id.in_(chunk))
+        if actions:
+            query = query.where(AuditEvent.action.in_(actions))
+        out.extend(_to_event(row) for row in s.execute(query))
+    return sorted(out, key=lambda e: e.seq)
+
+
+def child_actions(s: Session, child: str, actions: tuple[str, ...]) -> list[EventRow]:
+    """Every event of one child with one of these actions (the child/action index), by seq."""
+    query = select(TABLE).where(AuditEvent.child == child, AuditEvent.action.in_(actions))
+    return [_to_event(row) for row in s.execute(query.order_by(AuditEvent.seq))]
 
 
 def child_slugs(s: Session) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -206,6 +207,11 @@ def audit(
     """
     listing = child or since or until or record or show_all or as_json or as_csv
     if ctx.invoked_subcommand is not None:
+        if listing and ctx.invoked_subcommand == "report":
+            raise click.UsageError(
+                "give the report its own options, after `report`: "
+                "broker audit report --child SLUG [--since DAY] [--until DAY] --format ..."
+            )
         if listing:
             raise click.UsageError(
                 f"filters and output options belong to `broker audit`, not to "
@@ -245,3 +251,77 @@ def verify(broker: Broker) -> None:
     # The verdict is the command's answer, so it goes to stdout like the OK line.
     click.echo(f"audit log BROKEN at seq {verdict.first_bad_seq}: {verdict.reason}")
     click.get_current_context().exit(1)
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """The report quotes record content (subjects, file names): a new file is made 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+@audit.command("report")
+@click.option("--child", required=True, help="The child (slug, e.g. sam).")
+@click.option("--since", type=DateParam(), help="From this UTC day on (YYYY-MM-DD).")
+@click.option("--until", type=DateParam(), help="Up to and including this UTC day.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["html", "pdf", "csv"]), required=True,
+    help="html and pdf: the formal document; csv: one row per released copy.",
+)
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, writable=True),
+    help="Write to this file (default: stdout for html and csv; pdf needs a file or a pipe).",
+)
+@with_broker
+def report(
+    broker: Broker,
+    child: str,
+    since: dt.date | None,
+    until: dt.date | None,
+    fmt: str,
+    output: str | None,
+) -> None:
+    """The accounting of disclosures: every copy released about one child, for a hearing
+    officer, school or court.
+
+    For each copy: when and to whom it went, who asked (the record's sender), what was
+    sent (subject, document type, attachments and hashes), the purpose and basis (consent
+    or the parent's explicit approval), who approved and how the reply was authenticated,
+    what was redacted, the notice attached and whether it was sent, failed or cancelled.
+    The header states whether the audit log's hash chain verifies. Dates are whole UTC
+    days, both ends included. Exits 1, after writing the report, if the chain is broken.
+    """
+    from broker.audit import report_render
+    from broker.audit.report import load_report
+
+    if since and until and since > until:
+        raise click.BadParameter(
+            f"--since {since} is after --until {until}", param_hint="--since/--until"
+        )
+    if fmt == "pdf" and output is None and _stdout_is_terminal():
+        raise click.UsageError(
+            "a PDF is binary: give --output FILE (or pipe it: ... --format pdf > report.pdf)"
+        )
+    with broker.db.read_session() as s:
+        check_child(s, child)
+        doc = load_report(s, child, since, until)
+    if fmt == "pdf":
+        data = report_render.to_pdf(doc)
+    elif fmt == "html":
+        data = report_render.to_html(doc).encode("utf-8")
+    else:
+        data = report_render.to_csv(doc).encode("utf-8")
+    if output is None:
+        click.echo(data, nl=False)  # bytes: written as they are
+    else:
+        _write_private(output, data)
+        click.echo(f"wrote {output}: {len(doc.disclosures)} disclosure(s), "
+                   f"audit chain {doc.chain.status.lower()}", err=True)
+    if not doc.chain.ok:
+        click.echo(f"warning: audit log BROKEN at seq {doc.chain.first_bad_seq}: "
+                   f"{doc.chain.reason} (the report says so)", err=True)
+        click.get_current_context().exit(1)

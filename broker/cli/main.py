@@ -14,7 +14,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from broker.cli import audit, demo, key, records, rules, serve, setup, team
+    from broker.cli import audit, consent, demo, key, records, rules, serve, setup, team
 
     cli.add_command(setup.init)
     cli.add_command(setup.migrate)
@@ -26,6 +26,7 @@ def _register() -> None:
     cli.add_command(records.records)
     cli.add_command(key.key)
     cli.add_command(rules.rules)
+    cli.add_command(consent.consent)
 
 
 _register()

@@ -61,6 +61,8 @@ def show(broker: Broker, slug: str, as_json: bool) -> None:
                 "birthdate": child.birthdate.isoformat() if child.birthdate else None,
                 "jurisdiction": child.jurisdiction,
                 "address": f"{child.slug}@{broker.settings.domain}",
+                "approval": child.approval,
+                "delegated": child.delegated,
             },
             "guardians": [
                 {"name": p.name, "email": p.email, "active": p.active}
@@ -80,6 +82,10 @@ def show(broker: Broker, slug: str, as_json: bool) -> None:
     console.print(f"[bold]{c['name']}[/bold] ({c['slug']}) - list address {c['address']}")
     if c["birthdate"] or c["jurisdiction"]:
         console.print(f"born {c['birthdate'] or '?'}, jurisdiction {c['jurisdiction'] or '?'}")
+    console.print(f"approval: {c['approval']} (a release needs "
+                  f"{'every guardian' if c['approval'] == 'all' else 'one guardian'})"
+                  + ("; the student has delegated decisions to the guardians"
+                     if c["delegated"] else ""))
     table = Table("role", "name", "email", "tags", "active")
     for g in data["guardians"]:
         table.add_row("guardian", g["name"], g["email"], "", "yes" if g["active"] else "no")
@@ -87,3 +93,45 @@ def show(broker: Broker, slug: str, as_json: bool) -> None:
         table.add_row(m["role"], m["name"], m["email"], ", ".join(m["tags"]),
                       "yes" if m["active"] else "no")
     console.print(table)
+
+
+@team.command("delegate")
+@click.argument("slug")
+@click.option("--undo", is_flag=True,
+              help="The student takes the decisions back (the default at the age of majority).")
+@click.option("--requested-by", metavar="ADDRESS",
+              help="The student's address, as it appears on their written request (audited).")
+@with_broker
+def delegate(broker: Broker, slug: str, undo: bool, requested_by: str | None) -> None:
+    """Record that SLUG's student, of age, hands decisions back to the guardians.
+
+    From the age of majority of the child's jurisdiction the student decides alone and the
+    guardians become ordinary team members; run this on the student's written request to
+    let the guardians decide again (--undo to take it back). Audited."""
+    from broker.audit.log import record_event
+
+    with broker.db.session() as s:
+        child = s.scalar(select(Child).where(Child.slug == slug))
+        if child is None:
+            raise click.ClickException(f"no child {slug!r}; `broker apply` creates one")
+        student = s.scalar(select(Person).where(Person.child_id == child.id,
+                                                Person.role == "student",
+                                                Person.active.is_(True)))
+        if student is None:
+            raise click.ClickException(f"{slug} has no [student] in the team file: add the "
+                                       "student's address first (`broker apply`)")
+        if requested_by and requested_by.strip().lower() != student.email:
+            raise click.ClickException(f"{requested_by} is not the student's address "
+                                       f"({student.email})")
+        want = not undo
+        if child.delegated == want:
+            click.echo(f"{slug}: no change (decisions are already with the "
+                       f"{'guardians' if want else 'student'})")
+            return
+        child.delegated = want
+        record_event(s, action="decisions_delegated" if want else "delegation_withdrawn",
+                     actor="operator", actor_role="operator", child=slug,
+                     description={"student": student.email,
+                                  "requested_by": (requested_by or "").lower() or None})
+    click.echo(f"{slug}: decisions are now with the "
+               f"{'guardians (delegated by the student)' if want else 'student'}")

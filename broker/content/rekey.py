@@ -7,7 +7,7 @@
 2. each content and spool file is opened, checked, sealed under the new key into a new
    file, fsync'd, and renamed over the old one (content references do not change: they
    are keyed by the keyring's reference key, which rotation keeps);
-3. each sealed database field (records.subject, deliveries.summary) is re-sealed in
+3. each sealed database field (records.subject and .policy, deliveries.summary) is re-sealed in
    batches; on SQLite with secure_delete on and a WAL checkpoint afterwards, so the old
    ciphertext does not linger in free pages or the WAL; on PostgreSQL the two tables are
    rewritten (VACUUM FULL) for the same reason;
@@ -36,7 +36,8 @@ from broker.db.engine import Database
 from broker.intake.spool import Spool
 
 # (table, id column, sealed column): every sealed database field.
-SEALED_COLUMNS = (("records", "id", "subject"), ("deliveries", "id", "summary"),
+SEALED_COLUMNS = (("records", "id", "subject"), ("records", "id", "policy"),
+                  ("deliveries", "id", "summary"),
                   ("content_blobs", "ref", "data"))
 BATCH = 500
 PLAINTEXT = "plaintext"

@@ -271,7 +271,7 @@ class Approval(Base):
     version: Mapped[int] = mapped_column(Integer)
     person_id: Mapped[int] = mapped_column(ForeignKey("people.id"))
     decision: Mapped[str] = mapped_column(String(8))  # approve | deny
-    auth: Mapped[str] = mapped_column(String(16), default="")
+    auth: Mapped[str] = mapped_column(String(80), default="")
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

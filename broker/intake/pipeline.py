@@ -8,6 +8,7 @@ any point neither loses a message nor processes it twice.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email
 import json
@@ -24,18 +25,25 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
-from broker.content.codec import document_to_bytes
+from broker.consents.manage import active_for_child
+from broker.content.codec import document_to_bytes, draft_from_bytes, draft_to_bytes
 from broker.crypto.keys import broker_private_key
 from broker.crypto.outbound import withheld
-from broker.db.models import Child, Inbound, Person, Record
+from broker.db.models import Child, Consent, Inbound, Person, Record, utcnow
 from broker.intake.pgpin import open_record, open_reply
 from broker.intake.spool import SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
+from broker.mail.document import Document, Draft
 from broker.mail.parse import LimitExceeded, MimeLimits, ParseFailed, parse_message
-from broker.policy.recipients import default_recipients, hold_reasons
+from broker.policy.authority import Authority
+from broker.policy.context import active_people, authority_for, member, team_members
+from broker.policy.evaluate import evaluate
+from broker.policy.recipients import hold_reasons
 from broker.records import states
 from broker.records.transitions import transition
+from broker.redact.text import apply_draft
+from broker.release.approve import release
 from broker.review import render, tokens
 from broker.review.notify import Notifier, guardians
 from broker.review.replies import handle_reply
@@ -44,6 +52,8 @@ from broker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
+# How long the REVOKE link in the FYI copy of an automatic release keeps working.
+FYI_TOKEN_LIFETIME = dt.timedelta(days=90)
 # Spooled messages taken in per database transaction.
 BATCH = 20
 # How often the spool directory is listed in full when no announcement arrives.
@@ -305,27 +315,73 @@ class Pipeline:
 
         record.sender_id = sender.id
         record.doc_ref = self.rt.content.put(document_to_bytes(doc), s)
-        record.hold_reasons = json.dumps(hold_reasons(sender) + list(opened.notes))
-        record.expires_at = received_at + dt.timedelta(days=self.rt.settings.hold_days)
+        people = active_people(s, child)
+        day = received_at.date()
+        ev = evaluate(
+            self.rt.rules, jurisdiction=child.jurisdiction, sender=member(sender),
+            members=team_members(people), subject=doc.subject,
+            paragraphs=[p.text for p in doc.paragraphs]
+            + [p.text for a in doc.attachments for p in a.paragraphs or ()],
+            attachment_names=[a.filename for a in doc.attachments],
+            consents=active_for_child(s, child.id, day), day=day,
+        )
+        # Who decides (guardians, the student) at intake; evaluated again at the decision.
+        authority = authority_for(s, self.rt.rules, child, ev.categories, day)
+        if ev.auto_consent is not None and not all(d.role == "guardian"
+                                                   for d in authority.deciders):
+            ev = dataclasses.replace(ev, auto_consent=None, auto_reason=(
+                "not released automatically: the student has a say in this record"))
+        if ev.auto_consent is not None and (authority.blocked or doc.attachments):
+            # Attachments are released automatically only once they can be redacted
+            # for certain; until then a parent looks at them.
+            ev = dataclasses.replace(ev, auto_consent=None, auto_reason=(
+                "not released automatically: " + (authority.blocked or
+                                                   "records with attachments are reviewed")))
+        record.policy = json.dumps(ev.to_json(), sort_keys=True)
+        reasons = ev.reasons() + ([ev.auto_reason] if ev.auto_reason else [])
+        reasons += list(authority.reasons) + ([authority.blocked] if authority.blocked else [])
+        reasons += hold_reasons(sender)[1:] + list(opened.notes)
+        record.hold_reasons = json.dumps(reasons)
+        record.expires_at = received_at + dt.timedelta(days=self._hold_days())
+        if ev.redact_phrases:
+            # Always-redacted patterns (rules/default.toml [[patterns.always]]) start the
+            # draft: every version and every copy leaves them out, whoever approves.
+            record.draft_ref = self.rt.content.put(
+                draft_to_bytes(Draft(phrases=ev.redact_phrases)), s)
         transition(s, record, states.HELD, actor="broker", actor_role="broker",
                    description={"sender": from_addr, "sender_role": sender.role,
-                                "reasons": json.loads(record.hold_reasons),
+                                # Category names and counts: no words of the message.
+                                "categories": list(ev.categories),
+                                "jurisdiction": ev.jurisdiction,
+                                "always_redacted": dict(ev.always_redacted),
                                 "paragraphs": len(doc.paragraphs),
                                 # a count: filenames are content (never in the audit)
                                 "attachments": len(doc.attachments)})
 
-        team = s.scalars(select(Person).where(Person.child_id == child.id)).all()
-        recipients = default_recipients(sender.role, team)
-        if blocked := [f"{p.name} <{p.email}> {why}: nothing will be sent to them (TO the "
-                       "others, or have the operator fix the key)"
-                       for p in recipients if (why := withheld(p))]:
-            record.hold_reasons = json.dumps(json.loads(record.hold_reasons) + blocked)
-        token = tokens.issue(s, record, record.expires_at)
-        sent_to = self.notifier.review_request(s, record, doc, token, recipients, sender)
-        transition(s, record, states.AWAITING_REVIEW, actor="broker", actor_role="broker",
-                   action="review_requested", recipients=sent_to,
-                   description={"default_recipients": [p.email for p in recipients],
-                                "expires_at": record.expires_at.isoformat()})
+        by_email = {p.email: p for p in people}
+        recipients = [by_email[e] for e in ev.recipients if e in by_email]
+        if ev.auto_consent is not None:
+            self._release_automatically(s, record, doc, recipients, ev.auto_consent)
+        else:
+            if blocked := [f"{p.name} <{p.email}> {why}: nothing will be sent to them (TO the "
+                           "others, or have the operator fix the key)"
+                           for p in recipients if (why := withheld(p))]:
+                record.hold_reasons = json.dumps(json.loads(record.hold_reasons) + blocked)
+            by_id = {p.id: p for p in people}
+            deciders = [by_id[d.person_id] for d in authority.deciders if d.person_id in by_id]
+            token = tokens.issue(s, record, record.expires_at)
+            sent_to = self.notifier.review_request(
+                s, record, doc, token, recipients, sender, deciders=deciders,
+                coverage=[f"{by_email[c.email].name or c.email}: {c.label}"
+                          for c in ev.coverage if c.email in by_email],
+                who_decides=_who_decides(authority),
+                suggestions=[f"{x['name'].replace('_', ' ')} \"{x['text']}\": "
+                             f"REDACT \"{x['text']}\" ({x['why']})" for x in ev.suggestions],
+            )
+            transition(s, record, states.AWAITING_REVIEW, actor="broker", actor_role="broker",
+                       action="review_requested", recipients=sent_to,
+                       description={"default_recipients": [p.email for p in recipients],
+                                    "expires_at": record.expires_at.isoformat()})
         message_id = str(headers.get("Message-ID", "")).strip() or None
         self.notifier.notice(
             s, child, sender, "receipt",
@@ -334,6 +390,26 @@ class Pipeline:
             subject=subject, record=record, in_reply_to=message_id,
             auto_submitted="auto-replied",
         )
+
+    def _hold_days(self) -> float:
+        """broker.toml [hold] lifetime_days when the operator set it, else the rules'."""
+        return self.rt.settings.hold_days or self.rt.rules.hold.lifetime_days
+
+    def _release_automatically(self, s: Session, record: Record, doc: Document,
+                               recipients: list[Person], consent_id: int) -> None:
+        """Released at once under an automatic consent; the guardians get an FYI copy
+        whose answer REVOKE stops the consent."""
+        draft = (draft_from_bytes(self.rt.content.get(record.draft_ref, s))
+                 if record.draft_ref else Draft())
+        content = apply_draft(doc, draft)
+        release(s, self.rt, self.notifier, record, doc, draft, recipients, approvers=[],
+                actor="broker", actor_role="broker", auth="consent", automatic=consent_id)
+        token = tokens.issue(s, record, utcnow() + FYI_TOKEN_LIFETIME, purpose="fyi")
+        consent = s.get(Consent, consent_id)
+        for g in guardians(s, record.child):
+            self.notifier.fyi(s, record, content, token, recipients, g,
+                              consent_label=consent.purpose if consent else "",
+                              consent_id=consent_id)
 
     def _quarantine(self, s: Session, record: Record, reason: str, notify: bool = True) -> None:
         record.quarantine_reason = reason
@@ -351,6 +427,22 @@ class Pipeline:
                 ),
                 subject=record.subject, record=record,
             )
+
+
+def _who_decides(authority: Authority) -> list[str]:
+    lines = []
+    for g in authority.groups:
+        names = ", ".join(m.name or m.email for m in g.members)
+        if g.need == "all" and len(g.members) > 1:
+            lines.append(f"every one of {names} must reply APPROVE")
+        elif g.label == "the student":
+            lines.append(f"{names} (the student) must reply APPROVE too"
+                         + ("; their DENY is final" if g.veto else "")
+                         if len(authority.groups) > 1 else f"{names} (the student) decides")
+        else:
+            lines.append(f"one of {names}" if len(g.members) > 1 else names)
+    return lines if len(authority.groups) > 1 or any(
+        g.need == "all" or g.label == "the student" for g in authority.groups) else []
 
 
 def _from_address(headers: EmailMessage) -> str:

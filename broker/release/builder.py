@@ -6,7 +6,8 @@ approved ReleaseContent, so only what the parent saw in the preview can leave.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy.orm import Session
 
@@ -26,41 +27,67 @@ def queue_release(
     record: Record,
     content: ReleaseContent,
     recipients: Sequence[Person],
-    released_by: Person,
+    released_by: str,
     signer: str | None = None,
+    *,
+    basis: Mapping[str, tuple[int | None, str]] | None = None,
+    notices: Sequence[str] = (),
+    summary_extra: Mapping[str, object] | None = None,
 ) -> dict[str, str]:
     """Queues the copies; returns recipient -> sha256 of the exact bytes queued.
 
     Each copy is signed with ``signer`` (the broker's OpenPGP key) and encrypted to the
     recipient's key where one is usable. A recipient who requires encryption and has no
     usable key raises EncryptionRequired before anything is queued: the caller checks
-    (:func:`broker.crypto.outbound.withheld`) and refuses the approval first."""
+    (:func:`broker.crypto.outbound.withheld`) and refuses the approval first.
+
+    ``released_by``: who released it, as recipients read it ("Dana Rivera").
+    ``basis``: recipient -> (consent id or None, the words for the footer); each copy's
+    footer names the basis it goes out under, and the copy row remembers the consent (a
+    revocation cancels the copies still queued under it). ``notices``: lines every copy
+    carries (e.g. the 42 CFR part 2 notice)."""
     blocked = [f"{p.email} {why}" for p in recipients if (why := withheld(p))]
     if blocked:
         raise EncryptionRequired("; ".join(blocked))
     child = record.child
     released_at = utcnow()
-    text = render.render_release(
-        render.ReleaseContext(
-            record_id=record.id,
-            child_name=child.name,
-            content=content,
-            released_by=released_by.name or released_by.email,
-            released_at=released_at,
-        )
-    )
+    basis = dict(basis or {})
+    texts: dict[str, str] = {}
+
+    def text_for(label: str) -> str:
+        if label not in texts:
+            texts[label] = render.render_release(
+                render.ReleaseContext(
+                    record_id=record.id,
+                    child_name=child.name,
+                    content=content,
+                    released_by=released_by,
+                    released_at=released_at,
+                    consent=label,
+                    notices=tuple(notices),
+                )
+            )
+        return texts[label]
+
     summary = {
         "subject": content.subject,
         "attachments": [a.filename for a in content.attachments],
-        "released_by": released_by.email,
-        "released_by_name": released_by.name,
+        "attachments_detail": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size,
+             "sha256": hashlib.sha256(a.data).hexdigest()}
+            for a in content.attachments
+        ],
+        "released_by_name": released_by,
+        "notices": list(notices),
+        **dict(summary_extra or {}),
     }
     hashes: dict[str, str] = {}
     for person in recipients:
+        consent_id, label = basis.get(person.email, (None, render.DEFAULT_CONSENT))
         data = mc.compose_release(
             child_name=child.name, slug=child.slug, domain=domain, record_id=record.id,
             to=person.email, to_name=person.name, subject=content.subject or "(no subject)",
-            text=text, attachments=content.attachments, date=released_at,
+            text=text_for(label), attachments=content.attachments, date=released_at,
         )
         sealed = protect(data, person, signer)
         openpgp = ("encrypted to " + (sealed.fingerprint or "") if sealed.encrypted
@@ -70,7 +97,10 @@ def queue_release(
             message_id=mc.release_message_id(record.id, person.email, domain),
             child_id=child.id, record_id=record.id, person_id=person.id,
             dedupe_key=f"release:{record.id}:{person.email}",
-            summary={**summary, "recipient_name": person.name, "openpgp": openpgp},
+            summary={**summary, "recipient_name": person.name, "openpgp": openpgp,
+                     "basis": f"consent:{consent_id}" if consent_id else "parent-directed",
+                     "consent_id": consent_id},
         )
+        delivery.consent_id = consent_id
         hashes[person.email] = delivery.sha256
     return hashes

@@ -14,17 +14,14 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
-from broker.crypto.keys import broker_private_key
 from broker.db.models import Delivery, Person, Record, utcnow
 from broker.mail.compose import bounce_address
-from broker.records import states
-from broker.records.transitions import transition
 from broker.release.relay import PermanentFailure, RelayClient, TemporaryFailure
+from broker.release.settle import make_notifier, settle
 from broker.review import render
-from broker.review.notify import Notifier, guardians
+from broker.review.notify import guardians
 from broker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -49,9 +46,7 @@ class OutboxSender:
     def __init__(self, rt: Runtime, batch: int = 50) -> None:
         self.rt = rt
         self.batch = batch
-        self.notifier = Notifier(rt.content, rt.settings.domain,
-                                 signer=broker_private_key(rt.settings.home),
-                                 per_day=rt.settings.limits.notices_per_address_per_day)
+        self.notifier = make_notifier(rt)
 
     def claim(self) -> list[Claimed]:
         now = utcnow()
@@ -95,10 +90,15 @@ class OutboxSender:
 
     def _sent(self, item: Claimed) -> None:
         with self.rt.db.session() as s:
-            row = s.get(Delivery, item.id)
+            # Locked: a revocation cancelling this copy right now is either seen here
+            # (the copy left anyway) or sees it sent.
+            row = s.get(Delivery, item.id, with_for_update=True)
             assert row is not None
             if row.state == "sent":
                 return
+            # Cancelled (its consent revoked) while it was already with the relay: it went
+            # out all the same, so the record says so.
+            after_revocation = row.state == "cancelled"
             row.state = "sent"
             row.sent_at = utcnow()
             row.last_error = ""
@@ -114,9 +114,10 @@ class OutboxSender:
                     description={"record": record.id, "delivery": row.id,
                                  "message_id": row.message_id, "sha256": row.sha256,
                                  **{k: v for k, v in summary.items()
-                                    if k not in SEALED_ONLY}},
+                                    if k not in SEALED_ONLY},
+                                 **({"after_revocation": True} if after_revocation else {})},
                 )
-                self._settle(s, record)
+                settle(s, self.rt, self.notifier, record)
         log.info("delivery %s sent", item.id)
 
     def _temporary(self, item: Claimed, error: str) -> None:
@@ -136,8 +137,11 @@ class OutboxSender:
 
     def _permanent(self, item: Claimed, error: str) -> None:
         with self.rt.db.session() as s:
-            row = s.get(Delivery, item.id)
+            row = s.get(Delivery, item.id, with_for_update=True)
             assert row is not None
+            if row.state == "cancelled":  # revoked meanwhile: nothing left, nothing to redo
+                row.last_error = error[:500]
+                return
             row.state = "failed"
             row.last_error = error[:500]
             if row.kind == "release" and row.record_id is not None:
@@ -161,30 +165,5 @@ class OutboxSender:
                         ),
                         subject=record.subject, record=record,
                     )
-                self._settle(s, record)
+                settle(s, self.rt, self.notifier, record)
         log.warning("delivery %s failed permanently", item.id)
-
-    def _settle(self, s: Session, record: Record) -> None:
-        """releasing -> released once every copy is sent; -> release_failed if any failed."""
-        if record.state != states.RELEASING:
-            return
-        copies = s.scalars(
-            select(Delivery.state).where(Delivery.record_id == record.id,
-                                         Delivery.kind == "release")
-        ).all()
-        if any(c == "queued" for c in copies):
-            return
-        failed = [c for c in copies if c == "failed"]
-        new_state = states.RELEASE_FAILED if failed else states.RELEASED
-        transition(s, record, new_state, actor=BROKER_ACTOR, actor_role="broker",
-                   description={"copies": len(copies), "failed": len(failed)})
-        if new_state == states.RELEASED and self.rt.settings.notify_sender_on_release:
-            sender = s.get(Person, record.sender_id) if record.sender_id else None
-            if sender is not None and sender.active:
-                self.notifier.notice(
-                    s, record.child, sender, "forwarded",
-                    render.render_forwarded(child_name=record.child.name,
-                                            subject=record.subject,
-                                            received_at=record.received_at),
-                    subject=record.subject, record=record, auto_submitted="auto-replied",
-                )

@@ -61,7 +61,13 @@ class Help:
     """Send the command help back."""
 
 
-Command = Approve | Deny | Redact | Drop | To | Note | Help
+@dataclass(frozen=True)
+class Revoke:
+    """Revoke the consent on file a record went out under automatically (answer to the
+    FYI copy of an automatic release)."""
+
+
+Command = Approve | Deny | Redact | Drop | To | Note | Help | Revoke
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,8 @@ class ParseResult:
 
 # --- parsing --------------------------------------------------------------------------------
 
-KEYWORDS = ("approve", "deny", "redact", "drop", "to", "note", "help")
-_BARE = {"approve": Approve, "deny": Deny, "help": Help}
+KEYWORDS = ("approve", "deny", "redact", "drop", "to", "note", "help", "revoke")
+_BARE = {"approve": Approve, "deny": Deny, "help": Help, "revoke": Revoke}
 
 # First ASCII word of a line, and what follows it.
 _LEAD = re.compile(r"([A-Za-z]+)(.*)", re.S)
@@ -117,7 +123,7 @@ _SIGNOFF_STOP = frozenset(
         "share", "release", "forward",
     }
 )  # fmt: skip
-_SIGNOFF_STEMS = ("approv", "deny", "deni", "redact", "drop", "note", "help")
+_SIGNOFF_STEMS = ("approv", "deny", "deni", "redact", "drop", "note", "help", "revok")
 _ID_FILLER = frozenset({"and", "&", "paragraph", "paragraphs"})
 _LABEL_FILLER = frozenset({"and", "&", "attachment", "attachments"})
 
@@ -464,7 +470,7 @@ def _merge(commands: Sequence[Command]) -> list[Command]:
         if isinstance(c, Note):
             if not any(isinstance(o, Note) for o in out):
                 out.append(Note("\n".join(notes)))
-        elif isinstance(c, Approve | Deny | Help):
+        elif isinstance(c, Approve | Deny | Help | Revoke):
             if c not in out:
                 out.append(c)
         else:
@@ -474,6 +480,8 @@ def _merge(commands: Sequence[Command]) -> list[Command]:
 
 def _conflicts(commands: Sequence[Command]) -> list[str]:
     kinds = {type(c) for c in commands}
+    if Revoke in kinds and len(kinds) > 1:
+        return ["REVOKE cannot be combined with other commands; send REVOKE alone."]
     if Deny in kinds and len(kinds) > 1:
         return ["DENY cannot be combined with other commands; send DENY alone to refuse."]
     if Help in kinds and Approve in kinds:

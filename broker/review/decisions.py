@@ -23,6 +23,7 @@ from broker.review.commands import (
     Note,
     ParseResult,
     Redact,
+    Revoke,
     To,
     join_words,
 )
@@ -45,6 +46,9 @@ class Team:
     """The child's team, in a stable order so recipient lists are reproducible."""
 
     members: tuple[TeamMember, ...] = ()
+    # The record's sender: never chosen by a tag (a provider tagged `ot` does not get its
+    # own report back through TO tag:ot); naming the address still works.
+    sender: str = ""
 
     def member(self, email: str) -> TeamMember | None:
         for m in self.members:
@@ -122,6 +126,10 @@ def apply_commands(
     if not commands:
         return Invalid(("I found no command in your reply.",))
     kinds = {type(c) for c in commands}
+    if Revoke in kinds:
+        return Invalid(("REVOKE only works as an answer to the copy of a record shared "
+                        "automatically under a consent on file. To refuse this record, "
+                        "reply DENY.",))
     if Deny in kinds:
         if len(kinds) > 1:
             return Invalid(("DENY cannot be combined with other commands.",))
@@ -222,7 +230,8 @@ def _resolve(
         if tag not in known_tags:
             problems.append(f"No team member has the tag {tag}.")
         else:
-            wanted.update(m.email.lower() for m in team.members if tag in _lower(m.tags))
+            wanted.update(m.email.lower() for m in team.members
+                          if tag in _lower(m.tags) and m.email.lower() != team.sender.lower())
     if problems:
         return None
     resolved = _dedupe_in_order(m.email.lower() for m in team.members if m.email.lower() in wanted)

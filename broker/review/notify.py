@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 # notice (receipts, help, not understood, refusals, quarantine notices...) counts against
 # [limits] notices_per_address_per_day.
 UNCAPPED_NOTICES = frozenset({"decided_released", "decided_denied", "release_failed",
-                              "expired"})
+                              "expired", "reminder", "consent_renewal", "consent_expired",
+                              "majority_notice", "majority_reached"})
 
 
 def guardians(s: Session, child: Child) -> list[Person]:
@@ -73,12 +74,22 @@ class Notifier:
         token: str,
         recipients: Sequence[Person],
         sender: Person,
+        *,
+        deciders: Sequence[Person] | None = None,
+        coverage: Sequence[str] = (),
+        who_decides: Sequence[str] = (),
+        suggestions: Sequence[str] = (),
     ) -> list[str]:
+        """To each of ``deciders`` (default: the guardians). ``coverage``: one line per
+        recipient naming the consent that covers them or flagging a parent-directed
+        disclosure; ``who_decides``: whose approval a release needs; ``suggestions``:
+        what the rules point out for redaction."""
         child = record.child
         subject = render.notice_subject("review", child_name=child.name, subject=doc.subject,
                                         record_id=record.id)
         sent = []
-        for seq, guardian in enumerate(guardians(s, child)):
+        people = list(deciders) if deciders is not None else guardians(s, child)
+        for seq, guardian in enumerate(people):
             text = render.render_review_request(
                 render.ReviewContext(
                     record_id=record.id,
@@ -90,6 +101,9 @@ class Notifier:
                     expires_at=record.expires_at or utcnow(),
                     sender_role=as_shown([sender])[0].role,
                     guardian_name=guardian.name,
+                    coverage=tuple(coverage),
+                    who_decides=tuple(who_decides),
+                    suggestions=tuple(suggestions),
                 )
             )
             data = mc.compose_review_request(
@@ -110,7 +124,9 @@ class Notifier:
         recipients: Sequence[Person],
         guardian: Person,
         also_approved: bool,
+        seq: int = 0,
     ) -> None:
+        """``seq`` tells copies of one version to several deciders apart (Message-IDs)."""
         child = record.child
         text = render.render_preview(
             render.PreviewContext(
@@ -128,10 +144,40 @@ class Notifier:
         data = mc.compose_review_request(
             child_name=child.name, slug=child.slug, domain=self.domain, token=token,
             to=guardian.email, to_name=guardian.name, subject=subject, text=text,
-            seq=record.version,
+            seq=record.version * 1000 + seq,
         )
         self._queue(s, "preview", guardian, data, record,
-                    message_id=mc.review_message_id(token, self.domain, record.version))
+                    message_id=mc.review_message_id(token, self.domain,
+                                                    record.version * 1000 + seq))
+
+    def fyi(
+        self,
+        s: Session,
+        record: Record,
+        content: ReleaseContent,
+        token: str,
+        recipients: Sequence[Person],
+        guardian: Person,
+        *,
+        consent_id: int,
+        consent_label: str,
+    ) -> None:
+        """The guardians' copy of an automatic release; answering REVOKE stops the consent
+        (the token in its Reply-To and Message-ID has purpose "fyi")."""
+        child = record.child
+        text = render.render_fyi(render.FyiContext(
+            record_id=record.id, child_name=child.name, content=content,
+            recipients=as_shown(recipients), consent_id=consent_id,
+            consent_purpose=consent_label, released_at=record.decided_at or utcnow(),
+            guardian_name=guardian.name))
+        subject = render.notice_subject("fyi", child_name=child.name, subject=record.subject,
+                                        record_id=record.id)
+        seq = guardian.id  # one copy per guardian, each with its own Message-ID
+        data = mc.compose_review_request(
+            child_name=child.name, slug=child.slug, domain=self.domain, token=token,
+            to=guardian.email, to_name=guardian.name, subject=subject, text=text, seq=seq)
+        self._queue(s, "notice", guardian, data, record,
+                    message_id=mc.review_message_id(token, self.domain, seq))
 
     def notice(
         self,
@@ -146,6 +192,7 @@ class Notifier:
         reply_to: str | None = None,
         in_reply_to: str | None = None,
         auto_submitted: str = "auto-generated",
+        references: tuple[str, ...] = (),
     ) -> None:
         address = to.email if isinstance(to, Person) else to
         name = to.name if isinstance(to, Person) else ""
@@ -164,7 +211,7 @@ class Notifier:
             subject=render.notice_subject(kind, child_name=child.name, subject=subject,
                                           record_id=record.id if record else None),
             text=text, reply_to=reply_to, in_reply_to=in_reply_to,
-            auto_submitted=auto_submitted,
+            auto_submitted=auto_submitted, references=references,
         )
         person = to if isinstance(to, Person) else None
         kind_col = "receipt" if kind in ("receipt", "forwarded") else "notice"

@@ -24,10 +24,13 @@ WIDTH = 76
 DEFAULT_CONSENT = "explicit approval by the guardian"
 
 RefusalReason = Literal[
-    "used", "expired", "superseded", "unknown_token", "not_guardian", "auth_failed"
+    "used", "expired", "superseded", "unknown_token", "not_guardian", "auth_failed",
+    "not_decider",
 ]
 Decision = Literal["released", "denied"]
 NoticeKind = Literal[
+    "fyi",
+    "status",
     "review",
     "preview",
     "release",
@@ -41,6 +44,12 @@ NoticeKind = Literal[
     "refused",
     "release_failed",
     "expired",
+    # the scheduler (broker.schedule)
+    "reminder",
+    "consent_renewal",
+    "consent_expired",
+    "majority_notice",
+    "majority_reached",
 ]
 
 
@@ -74,6 +83,12 @@ class ReviewContext:
     expires_at: datetime
     sender_role: str = ""  # e.g. "therapist (provider)"; shown after the sender
     guardian_name: str = ""  # for the greeting
+    # Per recipient: the consent on file that covers them, or the parent-directed flag.
+    coverage: tuple[str, ...] = ()
+    # Whose approval a release needs (several guardians, the student).
+    who_decides: tuple[str, ...] = ()
+    # Patterns the rules point out: "phone number "555-0100": REDACT "555-0100"".
+    suggestions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,8 @@ class ReleaseContext:
     released_by: str  # the guardian's name
     released_at: datetime
     consent: str = DEFAULT_CONSENT
+    # Lines the jurisdiction requires on every release of the record's categories.
+    notices: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -191,6 +208,13 @@ def notice_subject(
         "refused": "Reply refused",
         "release_failed": "Delivery failed",
         "expired": "Expired, not shared",
+        "reminder": "Reminder, review needed",
+        "consent_renewal": "Consent ends soon",
+        "consent_expired": "Consent ended",
+        "majority_notice": "Coming of age",
+        "majority_reached": "Of age",
+        "fyi": "Shared under your consent",
+        "status": "Update",
     }
     return f"{tag} {titles[kind]}: {subject}"
 
@@ -388,7 +412,8 @@ def render_refused(
     templates: Path | str | None = None,
 ) -> str:
     """To guardians: a reply was refused (stale token, stranger, failed authentication) and why."""
-    known = ("used", "expired", "superseded", "unknown_token", "not_guardian", "auth_failed")
+    known = ("used", "expired", "superseded", "unknown_token", "not_guardian", "auth_failed",
+             "not_decider")
     if reason not in known:
         raise ValueError(f"unknown refusal reason: {reason!r}")
     return _render(
@@ -446,3 +471,30 @@ def render_expired(
         sender=sender,
         expired_at=expired_at,
     )
+
+
+@dataclass(frozen=True)
+class FyiContext:
+    """The copy guardians get of a record released automatically under a consent."""
+
+    record_id: int
+    child_name: str
+    content: ReleaseContent
+    recipients: tuple[Person, ...]
+    consent_id: int
+    consent_purpose: str
+    released_at: datetime
+    guardian_name: str = ""
+
+
+def render_fyi(ctx: FyiContext, *, templates: Path | str | None = None) -> str:
+    """What went out automatically, to whom, under which consent, and how to stop it."""
+    return _render("fyi.txt.j2", templates, ctx=ctx, content=ctx.content,
+                   child_name=ctx.child_name, record_id=ctx.record_id)
+
+
+def render_status(*, child_name: str, record_id: int | None, lines: tuple[str, ...],
+                  templates: Path | str | None = None) -> str:
+    """A short update about a record: an approval recorded, a consent revoked."""
+    return _render("status.txt.j2", templates, child_name=child_name, record_id=record_id,
+                   lines=lines)

@@ -29,11 +29,13 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.strip().lower().encode("ascii", "replace")).hexdigest()
 
 
-def issue(s: Session, record: Record, expires_at: dt.datetime) -> str:
+def issue(s: Session, record: Record, expires_at: dt.datetime, purpose: str = "review") -> str:
+    """A new live token for ``record``; any other live one is superseded. ``purpose``
+    "fyi": the token of an automatic release's FYI copy (its only use is REVOKE)."""
     close_all(s, record, "superseded")
     token = new_token()
     s.add(Token(record_id=record.id, token_hash=token_hash(token), version=record.version,
-                status="live", expires_at=expires_at))
+                status="live", expires_at=expires_at, purpose=purpose))
     s.flush()
     return token
 

@@ -47,7 +47,7 @@ def upgrade() -> None:
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("person_id", sa.Integer(), sa.ForeignKey("people.id"), nullable=False),
         sa.Column("decision", sa.String(length=8), nullable=False),
-        sa.Column("auth", sa.String(length=16), nullable=False),
+        sa.Column("auth", sa.String(length=80), nullable=False),
         sa.Column("at", sa.DateTime(), nullable=False),
         sa.UniqueConstraint("record_id", "version", "person_id",
                             name="uq_approvals_record_version_person"),

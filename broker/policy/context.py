@@ -1,0 +1,68 @@
+"""The plain data the pure policy functions need, read from the database (the thin shell
+around broker.policy.evaluate and broker.policy.authority)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.db.models import Child, Person, Record
+from broker.policy.authority import Authority, Decider, authority
+from broker.policy.evaluate import Evaluation, Member, jurisdiction_of
+from broker.policy.rules import Jurisdiction, Rules
+
+
+def tags_of(p: Person) -> tuple[str, ...]:
+    return tuple(json.loads(p.tags or "[]"))
+
+
+def member(p: Person) -> Member:
+    return Member(p.id, p.email, p.name, p.role, tags_of(p))
+
+
+def team_members(people: Sequence[Person]) -> list[Member]:
+    return [member(p) for p in people if p.active and p.role in ("provider", "school")]
+
+
+def active_people(s: Session, child: Child) -> list[Person]:
+    return list(s.scalars(select(Person).where(Person.child_id == child.id,
+                                               Person.active.is_(True)).order_by(Person.id)))
+
+
+def decider(p: Person) -> Decider:
+    return Decider(p.id, p.email, p.name, p.role)
+
+
+def jurisdiction(rules: Rules, child: Child) -> Jurisdiction:
+    j = jurisdiction_of(rules, child.jurisdiction)
+    if j is None:  # the rules loader makes sure the default exists; a stale name falls back
+        j = jurisdiction_of(rules, None)
+    assert j is not None, "rules without a default jurisdiction"
+    return j
+
+
+def authority_for(s: Session, rules: Rules, child: Child, categories: Sequence[str],
+                  day: dt.date | None = None) -> Authority:
+    """Who decides this child's record of these categories, on `day` (today by default)."""
+    people = active_people(s, child)
+    student = next((p for p in people if p.role == "student"), None)
+    return authority(
+        guardians=[decider(p) for p in people if p.role == "guardian"],
+        student=decider(student) if student else None,
+        birthdate=child.birthdate,
+        jurisdiction=jurisdiction(rules, child),
+        categories=categories,
+        approval=child.approval or "any",
+        delegated=bool(child.delegated),
+        day=day or dt.datetime.now(dt.UTC).date(),
+    )
+
+
+def evaluation_of(record: Record) -> Evaluation | None:
+    """The stored evaluation, or None for records held before the policy existed."""
+    data = json.loads(record.policy or "{}")
+    return Evaluation.from_json(data) if data else None
