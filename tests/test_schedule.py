@@ -515,7 +515,7 @@ def test_hold_reminder_story_over_smtp(tmp_path: Path, db_url: str) -> None:
         day7 = record.received_at + 7 * DAY
         assert _run(world, day7) == 1
         assert _run(world, day7 + DAY) == 0
-        assert _run(world, record.expires_at) == 0
+        assert _run(world, record.received_at + 20 * DAY) == 0  # next one on day 21
         world.wait_for(lambda m: GUARDIAN in m.rcpt_tos
                        and "Reminder" in str(m.msg["Subject"]), count=2)
         assert _sent_keys(world) == [f"hold:{record.id}:day3", f"hold:{record.id}:day7"]
@@ -589,8 +589,12 @@ def test_reminders_once_across_restarts_and_days(home: World) -> None:
         msg["Subject"])
     assert "No review request for this record was sent to you" in _text(msg)
     assert _run(home, HELD_AT + 13 * DAY) == 1  # day 7 (a broker down on day 7 still sends it)
-    assert _run(home, HELD_AT + 22 * DAY) == 0  # day 21 is past the 14-day hold
-    assert len(_notices(home)) == 4
+    # Day 21 is past the 14-day hold: no reminder; the hold expires instead (1), and each
+    # guardian is told it expired.
+    assert _run(home, HELD_AT + 22 * DAY) == 1
+    notices = _notices(home)
+    assert len(notices) == 6
+    assert sum("Expired, not shared" in str(m["Subject"]) for m in notices) == 2
     assert len(_audit(home, "reminder_sent")) == 2
     _assert_chain(home)
 
@@ -788,22 +792,25 @@ def test_adult_long_before_gets_nothing(tmp_path: Path, db_url: str) -> None:
         world.db.dispose()
 
 
-def test_student_of_age_gets_hold_reminders_unless_delegated(tmp_path: Path,
+def test_of_age_student_alone_gets_hold_reminders_unless_delegated(tmp_path: Path,
                                                              db_url: str) -> None:
     world = _home(tmp_path, db_url, _team("2000-01-01"))
     try:
         _record(world, HELD_AT)
         assert _run(world, HELD_AT + 3 * DAY) == 1
+        # Of age: the student decides alone; the guardians hear nothing of the record.
         assert len(_notices(world, STUDENT)) == 1
-        assert len(_notices(world, GUARDIAN)) == 1
+        assert _notices(world, GUARDIAN) == []
         with world.db.session() as s:
             child = s.scalar(select(Child).where(Child.slug == "sam"))
             assert child is not None
             child.delegated = True
         _record(world, HELD_AT)
         assert _run(world, HELD_AT + 3 * DAY) == 1
+        # Delegated back: the guardians decide; the new record's reminder goes to them
+        # (the first record's day-3 reminder went to the student, once).
         assert len(_notices(world, STUDENT)) == 1
-        assert len(_notices(world, GUARDIAN)) == 2
+        assert len(_notices(world, GUARDIAN)) == 1
     finally:
         world.db.dispose()
 

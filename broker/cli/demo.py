@@ -52,11 +52,17 @@ email = "dana@home.example"
 name = "Dr. Lee"
 email = "lee@clinic.example"
 role = "provider"
-tags = ["therapy", "ot"]
+tags = ["ot"]
 
 [[members]]
 name = "Ms Park"
 email = "park@school.example"
+role = "school"
+tags = ["ot"]
+
+[[members]]
+name = "Mr Jones"
+email = "jones@school.example"
 role = "school"
 tags = ["teacher"]
 """
@@ -66,7 +72,7 @@ and spacing has improved.
 
 During the session Sam talked about family conflict at home and seemed tired.
 
-For the classroom: a slant board and short movement breaks every 30 minutes help."""
+For the classroom: a slant board and a short break every 30 minutes help."""
 
 
 class _World:
@@ -93,6 +99,10 @@ class _World:
                         return msg
             time.sleep(0.05)
         raise click.ClickException(f"demo: nothing for {rcpt} with {subject_has!r} in time")
+
+    def received(self, rcpt: str) -> bool:
+        with self.lock:
+            return any(who == rcpt for who, _ in self.messages)
 
 
 def _free_port() -> int:
@@ -143,6 +153,7 @@ def demo(keep: bool) -> None:
     service = Service(settings, poll=0.1)
     with service.rt.db.session() as s:
         apply_team(s, parse_team(DEMO_TEAM))
+    service.slugs.refresh()  # the intake accepts sam@ from the first message on
     relay.start()
     service.start()
     try:
@@ -181,6 +192,11 @@ def demo(keep: bool) -> None:
                             title="6. Ms Park (school) receives exactly what was approved"))
         if "family conflict" in school.as_string():
             raise click.ClickException("demo: the redacted paragraph reached the school")
+        if world.received("jones@school.example"):
+            raise click.ClickException("demo: the teacher got an OT note the rules route "
+                                       "to the OT only")
+        console.print("Mr Jones (teacher) received nothing: the rules route OT notes to the "
+                      "school OT, and Dana approved no one else.")
 
         _wait_released(service)
         with service.rt.db.session() as s:

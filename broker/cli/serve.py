@@ -1,6 +1,6 @@
 """`broker serve`: run the daemon in the foreground until SIGTERM or SIGINT.
 
-By default the SMTP intake runs in this process and the pipeline, outbox and expiry
+By default the SMTP intake runs in this process and the pipeline, outbox and scheduler
 workers in a second process that this one starts, watches and restarts: the intake
 then never waits for parsing or database work (Python runs one thread at a time per
 process), and a crash in a worker cannot take the intake down. The intake wakes the
@@ -34,14 +34,15 @@ WORKER_ROLES = ("pipeline", "outbox", "expiry")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--role", "roles", multiple=True, type=click.Choice(ROLES),
-              help="Run only these parts in this process (repeatable).")
+              help="Run only these parts in this process (repeatable); expiry is the "
+              "scheduler: hold expiry, reminders, consent renewals, age notices.")
 @click.option("--single-process", is_flag=True,
               help="Run every part in this one process (simpler, slower intake under load).")
 @click.option("--wake-stdin", is_flag=True, hidden=True,
               help="Wake the pipeline on each byte read from standard input; stop at EOF.")
 def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_process: bool,
           wake_stdin: bool) -> None:
-    """Run the SMTP intake, pipeline, outbox sender and expiry timer."""
+    """Run the SMTP intake, pipeline, outbox sender and scheduler (expiry, reminders)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = config.load(config.resolve_home(home))

@@ -37,7 +37,13 @@ from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
 from broker.mail.parse import LimitExceeded, MimeLimits, ParseFailed, parse_message
 from broker.policy.authority import Authority
-from broker.policy.context import active_people, authority_for, member, team_members
+from broker.policy.context import (
+    active_people,
+    audience,
+    authority_for,
+    member,
+    team_members,
+)
 from broker.policy.evaluate import evaluate
 from broker.policy.recipients import hold_reasons
 from broker.records import states
@@ -198,7 +204,7 @@ class Pipeline:
         )
         from_addr = _from_address(headers)
         own = _own_mail(domain, from_addr, env.mail_from)
-        if addr_tokens or (ref_tokens and self._is_any_guardian(s, from_addr)):
+        if addr_tokens or (ref_tokens and self._is_any_decider(s, from_addr)):
             inbound = self._inbound(s, entry, raw, kind="reply")
             if own:
                 # Loops: the broker never answers mail from its own domain.
@@ -234,9 +240,11 @@ class Pipeline:
         for child in children:
             self._new_record(s, entry, inbound, child, headers, from_addr, raw=raw)
 
-    def _is_any_guardian(self, s: Session, address: str) -> bool:
+    def _is_any_decider(self, s: Session, address: str) -> bool:
+        """A guardian or a student: someone whose reply may carry a decision."""
         return address != "" and s.scalar(
-            select(Person.id).where(Person.email == address, Person.role == "guardian",
+            select(Person.id).where(Person.email == address,
+                                    Person.role.in_(("guardian", "student")),
                                     Person.active.is_(True)).limit(1)
         ) is not None
 
@@ -289,9 +297,9 @@ class Pipeline:
         if sender is None:
             self._quarantine(s, record, "the sender is not on the team")
             return
-        if sender.role == "guardian":
-            self._quarantine(s, record, "mail from a guardian to the list address is not "
-                             "forwarded; guardians decide by replying to review requests")
+        if sender.role in ("guardian", "student"):
+            self._quarantine(s, record, f"mail from a {sender.role} to the list address is not "
+                             "forwarded; the family decides by replying to review requests")
             return
         # OpenPGP: decrypt mail encrypted to the broker and verify the member's signature;
         # decrypted plaintext is parsed from memory, never written anywhere.
@@ -417,7 +425,7 @@ class Pipeline:
                    description={"reason": reason})
         if not notify:
             return
-        for g in guardians(s, record.child):
+        for g in audience(s, self.rt.rules, record.child):
             self.notifier.notice(
                 s, record.child, g, "quarantine",
                 render.render_quarantine_notice(

@@ -66,3 +66,20 @@ def evaluation_of(record: Record) -> Evaluation | None:
     """The stored evaluation, or None for records held before the policy existed."""
     data = json.loads(record.policy or "{}")
     return Evaluation.from_json(data) if data else None
+
+
+def audience(s: Session, rules: Rules, child: Child, categories: Sequence[str] = (),
+             day: dt.date | None = None) -> list[Person]:
+    """Who hears about a record (its outcome, its expiry, a refused reply, a failed
+    delivery): the people who decide it today. From the age of majority that is the student
+    alone (the guardians are ordinary team members and learn nothing of it), unless the
+    student has delegated back; the guardians are always told of their own records before."""
+    deciders = authority_for(s, rules, child, categories, day).deciders
+    by_id = {p.id: p for p in active_people(s, child)}
+    return [by_id[d.person_id] for d in deciders if d.person_id in by_id]
+
+
+def record_audience(s: Session, rules: Rules, record: Record,
+                    day: dt.date | None = None) -> list[Person]:
+    ev = evaluation_of(record)
+    return audience(s, rules, record.child, ev.categories if ev else (), day)

@@ -18,10 +18,10 @@ from sqlalchemy import select
 from broker.audit.log import record_event
 from broker.db.models import Delivery, Person, Record, utcnow
 from broker.mail.compose import bounce_address
+from broker.policy.context import record_audience
 from broker.release.relay import PermanentFailure, RelayClient, TemporaryFailure
 from broker.release.settle import make_notifier, settle
 from broker.review import render
-from broker.review.notify import guardians
 from broker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class OutboxSender:
                     description={"record": record.id, "delivery": row.id, "error": error[:300]},
                 )
                 person = s.get(Person, row.person_id) if row.person_id else None
-                for g in guardians(s, record.child):
+                for g in record_audience(s, self.rt.rules, record):
                     self.notifier.notice(
                         s, record.child, g, "release_failed",
                         render.render_release_failed(

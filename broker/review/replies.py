@@ -42,8 +42,9 @@ from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
 from broker.mail.reply import extract_reply_from_message
 from broker.policy.authority import Authority
-from broker.policy.context import authority_for, evaluation_of
+from broker.policy.context import authority_for, evaluation_of, record_audience
 from broker.policy.recipients import default_recipients
+from broker.policy.rules import Rules
 from broker.records import states
 from broker.records.transitions import transition
 from broker.redact.text import RedactionError, apply_draft
@@ -121,7 +122,7 @@ def handle_reply(
     if guardian is None:
         inbound.outcome = "refused: not a guardian of this child"
         audit("reply_refused", record, reason="not_guardian", sender=from_addr)
-        for g in guardians(s, child):
+        for g in record_audience(s, rt.rules, record):
             notifier.notice(s, child, g, "refused", render.render_refused(
                 child_name=child.name, record_id=record.id, reason="not_guardian",
                 from_addr=from_addr or "(no address)", subject=subject,
@@ -163,7 +164,7 @@ def handle_reply(
               detail=auth.detail, guardians_notified=not quiet)
         if quiet:
             return
-        for g in guardians(s, child):
+        for g in record_audience(s, rt.rules, record):
             notifier.notice(s, child, g, "refused", render.render_refused(
                 child_name=child.name, record_id=record.id, reason="auth_failed",
                 from_addr=from_addr, subject=subject, received_at=inbound.received_at,
@@ -217,7 +218,7 @@ def handle_reply(
             subject=record.subject, record=record, reply_to=review_to)
     elif isinstance(decision, Refuse):
         if authority.can_veto(from_addr):
-            _deny(s, notifier, record, guardian, auth.method)
+            _deny(s, rt.rules, notifier, record, guardian, auth.method)
             inbound.outcome = "denied"
         else:
             _note_decision(s, record, guardian, "deny", auth.method)
@@ -315,13 +316,14 @@ def _recipients(record: Record, draft: Draft, team_people: list[Person]) -> list
     return [p for p in chosen if p.email != record.sender_email]
 
 
-def _deny(s: Session, notifier: Notifier, record: Record, guardian: Person, auth: str) -> None:
+def _deny(s: Session, rules: Rules, notifier: Notifier, record: Record, guardian: Person,
+          auth: str) -> None:
     tokens.close_all(s, record, "used")
     record.decided_at = utcnow()
     record.decided_by = guardian.email
-    transition(s, record, states.DENIED, actor=guardian.email, actor_role="guardian",
+    transition(s, record, states.DENIED, actor=guardian.email, actor_role=guardian.role,
                description={"auth": auth})
-    for g in guardians(s, record.child):
+    for g in record_audience(s, rules, record):
         notifier.notice(s, record.child, g, "decided_denied", render.render_decided(
             child_name=record.child.name, record_id=record.id, subject=record.subject,
             decision="denied", decided_by=guardian.name or guardian.email,
@@ -455,9 +457,7 @@ def _approve(
     release(s, rt, notifier, record, doc, draft, recipients, approvers=approvers,
             actor=guardian.email, actor_role=guardian.role, auth=auth)
     names = ", ".join(a["name"] or a["email"] for a in approvers)
-    told = guardians(s, child) + [p for p in team_people if p.role == "student"
-                                  and authority.decider(p.email) is not None]
-    for g in told:
+    for g in record_audience(s, rt.rules, record):
         notifier.notice(s, child, g, "decided_released", render.render_decided(
             child_name=child.name, record_id=record.id, subject=record.subject,
             decision="released", decided_by=names, decided_at=record.decided_at,

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from broker.audit.log import record_event
 from broker.crypto.keys import broker_private_key
 from broker.db.models import (
+    Approval,
     AuditHead,
     Child,
     Consent,
@@ -32,7 +33,7 @@ from broker.db.models import (
     utcnow,
 )
 from broker.mail import compose as mc
-from broker.policy.authority import age_on
+from broker.policy.context import record_audience
 from broker.policy.rules import Jurisdiction, Rules
 from broker.records import states
 from broker.records.expiry import expire_due
@@ -57,11 +58,11 @@ ACTOR = "broker"
 
 
 def run_schedule(rt: Runtime, now: dt.datetime | None = None) -> int:
-    """Expire due holds (`expire_due`, on the real clock) and send every reminder and
+    """Expire due holds (`expire_due`) and send every reminder and
     notice due by `now` (default: the real clock) that was not sent before. Returns how
     many holds expired plus how many occasions were handled (0: nothing to do)."""
-    done = expire_due(rt)
     now = _aware(now or utcnow())
+    done = expire_due(rt, now=now)
     # Mostly there is nothing to do: find that out without taking the write lock.
     with rt.db.read_session() as s:
         if not pending(s, rt.rules, now):
@@ -178,11 +179,12 @@ def _hold(s: Session, rt: Runtime, notifier: Notifier, item: Due, now: dt.dateti
     record = s.get(Record, item.record_id)
     assert record is not None and item.day is not None
     child = record.child
-    people = guardians(s, child)
-    juris = jurisdiction(rt.rules, child.jurisdiction)
-    if (juris is not None and child.birthdate is not None and not child.delegated
-            and age_on(child.birthdate, now.date()) >= juris.majority_age):
-        people = _with(people, [_student(s, child)])
+    # Whoever decides the record today and has not yet approved its current version.
+    approved = set(s.scalars(select(Approval.person_id).where(
+        Approval.record_id == record.id, Approval.version == record.version,
+        Approval.decision == "approve")))
+    people = [p for p in record_audience(s, rt.rules, record, now.date())
+              if p.id not in approved]
     domain = rt.settings.domain
     answers: dict[str, int] = {}
     for person in people:
@@ -277,7 +279,9 @@ def _majority(s: Session, rt: Runtime, notifier: Notifier, item: Due, now: dt.da
         notifier.notice(s, child, person, kind, render(
             child_name=child.name, majority_date=item.date, majority_age=juris.majority_age,
             jurisdiction=juris.name, to_student=person.role == "student",
-            person_name=person.name), subject=title)
+            person_name=person.name, slug=child.slug,
+            student_email=next((p.email for p in people if p.role == "student"), "")),
+            subject=title)
     # No date in the audit: with the age it would tell the birthdate, and the audit is
     # append-only.
     record_event(s, action=ACTIONS[item.kind], actor=ACTOR, actor_role="broker",

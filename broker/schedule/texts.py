@@ -116,11 +116,13 @@ def render_majority_notice(
     jurisdiction: str,
     to_student: bool = False,
     person_name: str = "",
+    slug: str = "",
+    student_email: str = "",
     templates: Path | str | None = None,
 ) -> str:
     """The year before: from the majority birthday the student decides alone."""
     return _render("majority_notice.txt.j2", templates, child_name=child_name,
-                   person_name=person_name,
+                   person_name=person_name, slug=slug, student_email=student_email,
                    **_majority_values(majority_date, majority_age, jurisdiction,
                                       to_student))
 
@@ -133,10 +135,12 @@ def render_majority_reached(
     jurisdiction: str,
     to_student: bool = False,
     person_name: str = "",
+    slug: str = "",
+    student_email: str = "",
     templates: Path | str | None = None,
 ) -> str:
     """The day has come: the student decides alone; the guardians are ordinary members."""
     return _render("majority_reached.txt.j2", templates, child_name=child_name,
-                   person_name=person_name,
+                   person_name=person_name, slug=slug, student_email=student_email,
                    **_majority_values(majority_date, majority_age, jurisdiction,
                                       to_student))
