@@ -258,3 +258,18 @@ def test_evaluation_round_trips_through_json() -> None:
 
     e = ev(consents=[terms()])
     assert Evaluation.from_json(e.to_json()) == e
+
+
+@given(st.lists(st.sampled_from(
+    ["Handwriting", "fine  motor", "self-harm", "re-evaluation", "ANXIETY", "therapy",
+     "speech therapy session", "pilot", "mg", "dosage.", "Ünïcode", "ß", "K", "sti",
+     "x", "\n\n", "-", "substance\tuse", "İstanbul"]), max_size=12))
+def test_token_precheck_never_changes_the_classification(parts: list[str]) -> None:
+    """The fast pre-check (first token present) finds exactly what the plain regexes find."""
+    from broker.policy.classify import classify
+
+    text = " ".join(parts)
+    fast = classify(RULES, subject="", paragraphs_text=text)
+    slow = [(c.name, w) for c in RULES.categories.values()
+            for w, rx in c.word_patterns if rx.search(text)]
+    assert [(m.category, m.evidence) for m in fast if m.kind == "body"] == slow

@@ -339,6 +339,11 @@ class Pipeline:
                                                    for d in authority.deciders):
             ev = dataclasses.replace(ev, auto_consent=None, auto_reason=(
                 "not released automatically: the student has a say in this record"))
+        if ev.auto_consent is not None and any(
+                withheld(p) for p in people if p.email in ev.recipients):
+            ev = dataclasses.replace(ev, auto_consent=None, auto_reason=(
+                "not released automatically: a recipient requires encryption and has no "
+                "usable key"))
         if ev.auto_consent is not None and (authority.blocked or doc.attachments):
             # Attachments are released automatically only once they can be redacted
             # for certain; until then a parent looks at them.

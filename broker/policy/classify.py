@@ -8,6 +8,8 @@ redacted and what is only pointed out to the parent.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +54,10 @@ def classify(
         body = "\n\n".join(p for p in paragraphs_text if isinstance(p, str))
     names = [n for n in attachment_names if isinstance(n, str) and n]
 
+    # A word's regex can only match where its first word-token occurs: look those up in
+    # the message's set of tokens first (one pass) and run only the regexes that can match
+    # (90 whole-word searches over a 10 KB report cost 24 ms; this, about 3).
+    present = _tokens(subject) | _tokens(body)
     matches: list[Match] = []
     for category in rules.categories.values():
 
@@ -63,6 +69,9 @@ def classify(
             if tag in tags:
                 hit("sender_tag", tag, f"sender tag {tag} -> category {category.name}")
         for word, regex in category.word_patterns:
+            first = _first_token(word)
+            if first and not first & present:
+                continue
             if regex.search(subject):
                 hit("subject", word, f"word '{word}' in the subject -> {category.name}")
             elif regex.search(body):
@@ -74,6 +83,23 @@ def classify(
                         f"attachment '{name}' matches '{glob}' -> {category.name}")
                     break
     return matches
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _tokens(text: str) -> set[str]:
+    """The text's word tokens, lower-cased and case-folded (both, so no casing rule that
+    re.IGNORECASE applies can make the pre-check miss a match)."""
+    return set(_WORD.findall(text.lower())) | set(_WORD.findall(text.casefold()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_token(word: str) -> frozenset[str]:
+    """The first word-token of a rules word, in the forms `_tokens` produces."""
+    found = _WORD.findall(word.lower())[:1] + _WORD.findall(word.casefold())[:1]
+    # A word with no token at all (punctuation only): empty, always tried.
+    return frozenset(found)
 
 
 def categories_of(matches: Sequence[Match]) -> list[str]:
