@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +27,11 @@ from broker.redact.text import apply_draft
 from broker.release.builder import queue_release
 from broker.review import tokens
 
+if TYPE_CHECKING:
+    from broker.policy.rules import Rules
+    from broker.review.notify import Notifier
+    from broker.runtime import Runtime
+
 PARENT_DIRECTED_FOOTER = "a parent-directed disclosure: the family approved this record itself"
 
 
@@ -39,7 +44,7 @@ def draft_counts(draft: Draft) -> dict[str, Any]:
             "note": bool(draft.note)}
 
 
-def release_check(s: Session, rules, record: Record, recipients: Sequence[Person],
+def release_check(s: Session, rules: Rules, record: Record, recipients: Sequence[Person],
                   day: dt.date | None = None) -> dict[str, Coverage]:
     """recipient address -> the basis a copy to them would go out under, today."""
     day = day or utcnow().date()
@@ -58,8 +63,8 @@ def release_check(s: Session, rules, record: Record, recipients: Sequence[Person
 
 def release(
     s: Session,
-    rt,
-    notifier,
+    rt: Runtime,
+    notifier: Notifier,
     record: Record,
     doc: Document,
     draft: Draft,

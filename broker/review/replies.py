@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import parseaddr
 
@@ -41,7 +42,7 @@ from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
 from broker.mail.reply import extract_reply_from_message
-from broker.policy.authority import Authority
+from broker.policy.authority import Authority, Decider
 from broker.policy.context import authority_for, evaluation_of, record_audience
 from broker.policy.recipients import default_recipients
 from broker.policy.rules import Rules
@@ -51,7 +52,7 @@ from broker.redact.text import RedactionError, apply_draft
 from broker.release.approve import draft_counts, release
 from broker.review import render, tokens
 from broker.review.authenticate import authenticate_reply
-from broker.review.commands import Help, Revoke, parse_commands
+from broker.review.commands import Help, ParseResult, Revoke, parse_commands
 from broker.review.decisions import (
     Invalid,
     Preview,
@@ -466,7 +467,7 @@ def _approve(
 
 
 def _ask_missing(s: Session, rt: Runtime, notifier: Notifier, record: Record, doc: Document,
-                 draft: Draft, team_people: list[Person], missing: list) -> None:
+                 draft: Draft, team_people: list[Person], missing: list[Decider]) -> None:
     """Send the current version to deciders who have not been sent it yet (a student who
     gained a say after the record arrived): a fresh token, so everyone answers the same."""
     asked = set(s.scalars(select(Delivery.person_id).where(
@@ -492,7 +493,8 @@ def _ask_missing(s: Session, rt: Runtime, notifier: Notifier, record: Record, do
 
 
 def _answer_fyi(s: Session, rt: Runtime, notifier: Notifier, inbound: Inbound, record: Record,
-                person: Person, parsed, auth: str, audit) -> None:
+                person: Person, parsed: ParseResult, auth: str,
+                audit: Callable[..., None]) -> None:
     """The answer to the FYI copy of an automatic release: REVOKE (or HELP)."""
     child = record.child
     consent_id = s.scalar(select(Delivery.consent_id).where(
