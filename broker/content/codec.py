@@ -10,12 +10,16 @@ from broker.mail.document import Attachment, Document, Draft, Paragraph
 VERSION = 1
 
 
-def _paras(items: tuple[Paragraph, ...] | None) -> list[list[str]] | None:
-    return None if items is None else [[p.id, p.text] for p in items]
+def _paras(items: tuple[Paragraph, ...] | None) -> list[list] | None:
+    if items is None:
+        return None
+    return [[p.id, p.text] if p.page is None else [p.id, p.text, p.page] for p in items]
 
 
-def _unparas(items: list[list[str]] | None) -> tuple[Paragraph, ...] | None:
-    return None if items is None else tuple(Paragraph(i, t) for i, t in items)
+def _unparas(items: list[list] | None) -> tuple[Paragraph, ...] | None:
+    if items is None:
+        return None
+    return tuple(Paragraph(i[0], i[1], i[2] if len(i) > 2 else None) for i in items)
 
 
 def document_to_bytes(doc: Document) -> bytes:
@@ -36,6 +40,10 @@ def document_to_bytes(doc: Document) -> bytes:
                 "data": base64.b64encode(a.data).decode("ascii"),
                 "paragraphs": _paras(a.paragraphs),
                 "note": a.note,
+                "kind": a.kind,
+                "pages": a.pages,
+                "scanned": list(a.scanned),
+                "problem": a.problem,
             }
             for a in doc.attachments
         ],
@@ -61,6 +69,10 @@ def document_from_bytes(data: bytes) -> Document:
                 data=base64.b64decode(a["data"]),
                 paragraphs=_unparas(a["paragraphs"]),
                 note=a.get("note", ""),
+                kind=a.get("kind", ""),
+                pages=a.get("pages"),
+                scanned=tuple(a.get("scanned", ())),
+                problem=a.get("problem", ""),
             )
             for a in obj["attachments"]
         ),
@@ -71,6 +83,7 @@ def draft_to_bytes(draft: Draft) -> bytes:
     obj = {
         "v": VERSION,
         "redact_ids": sorted(draft.redact_ids),
+        "redact_pages": sorted(draft.redact_pages),
         "phrases": list(draft.phrases),
         "dropped": sorted(draft.dropped),
         "recipients": None if draft.recipients is None else list(draft.recipients),
@@ -83,6 +96,7 @@ def draft_from_bytes(data: bytes) -> Draft:
     obj = json.loads(data)
     return Draft(
         redact_ids=frozenset(obj["redact_ids"]),
+        redact_pages=frozenset(obj.get("redact_pages", ())),
         phrases=tuple(obj["phrases"]),
         dropped=frozenset(obj["dropped"]),
         recipients=None if obj["recipients"] is None else tuple(obj["recipients"]),

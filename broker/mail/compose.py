@@ -358,6 +358,7 @@ def compose_review_request(
     in_reply_to: str | None = None,
     references: tuple[str, ...] = (),
     date: datetime | None = None,
+    attachments: tuple[Attachment, ...] = (),
 ) -> bytes:
     """A review request or preview to one guardian, answerable by Reply-To or by threading.
 
@@ -377,6 +378,7 @@ def compose_review_request(
         references=references,
         auto_submitted="auto-generated",
         date=date,
+        attachments=attachments,
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 class Paragraph:
     id: str  # "2" or "A1.3"
     text: str
+    page: int | None = None  # the page of a PDF attachment it is on (1-based)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,16 @@ class Attachment:
     # (binary: it can only be released whole or dropped).
     paragraphs: tuple[Paragraph, ...] | None = None
     note: str = ""  # e.g. "scanned, no text" - shown to the parent
+    # "pdf", "docx", "text" (read by broker.mail.extract) or "" (not read).
+    kind: str = ""
+    pages: int | None = None  # PDF: the page count
+    scanned: tuple[int, ...] = ()  # PDF: pages with no text layer (images of text)
+    # Why it cannot be checked at all ("encrypted (password-protected)", "damaged"): such
+    # a file is never sent; the parent can only DROP it.
+    problem: str = ""
+
+    def page_paragraphs(self, page: int) -> tuple[Paragraph, ...]:
+        return tuple(p for p in self.paragraphs or () if p.page == page)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class Draft:
     """
 
     redact_ids: frozenset[str] = frozenset()  # "2", "A1.3"
+    redact_pages: frozenset[str] = frozenset()  # whole pages of PDF attachments: "A1 p.2"
     phrases: tuple[str, ...] = ()  # removed everywhere, case-insensitively
     dropped: frozenset[str] = frozenset()  # "A2"
     recipients: tuple[str, ...] | None = None  # member e-mail addresses; None = default

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import mailparser
 
-from broker.mail.document import Attachment, Document, Paragraph
-from broker.mail.extract import extract_text
+from broker.mail.document import Attachment, Document
+from broker.mail.extract import extract
 from broker.redact.text import split_paragraphs
 
 
@@ -164,18 +164,21 @@ def parse_message(path: Path | bytes, limits: MimeLimits | None = None) -> Docum
     attachments: list[Attachment] = []
     for i, part in enumerate(parts, start=1):
         label = f"A{i}"
-        extracted = extract_text(part.content_type, part.data)
-        paragraphs: tuple[Paragraph, ...] | None = None
-        if extracted is not None:
-            paragraphs = split_paragraphs(extracted, prefix=f"{label}.")
+        filename = " ".join(part.filename.split())
+        got = extract(label, part.content_type, filename, part.data)
         attachments.append(
             Attachment(
                 label=label,
-                filename=" ".join(part.filename.split()),
+                filename=filename,
                 content_type=part.content_type.lower(),
                 size=len(part.data),
                 data=part.data,
-                paragraphs=paragraphs,
+                paragraphs=got.paragraphs,
+                note=got.note,
+                kind=got.kind,
+                pages=got.pages,
+                scanned=got.scanned,
+                problem=got.problem,
             )
         )
     return Document(

@@ -288,7 +288,9 @@ def apply_draft(
         if att.label.upper() in dropped:
             changes.append(f"Left out attachment {name}, as you asked")
             continue
-        result = _apply_attachment(att, ids, red, name, changes)
+        result = _apply_attachment(att, ids, red, name, changes,
+                                   pages={int(ref.partition(" p.")[2]) for ref in draft.redact_pages
+                                          if ref.partition(" p.")[0].upper() == att.label.upper()})
         if result is not None:
             attachments.append(result)
 
@@ -326,10 +328,17 @@ def _apply_attachment(
     red: _Redactor,
     name: str,
     changes: list[str],
+    pages: set[int] | None = None,
 ) -> Attachment | None:
     """Redact one kept attachment; None when it must not be sent at all."""
     filename = red.text(att.filename, f"the name of attachment {att.label}")
     att_note = red.text(att.note, f"the description of attachment {att.label}")
+    if att.problem:
+        changes.append(f"Withheld attachment {name}: {att.problem}. It cannot be checked, so "
+                       f"it is never sent; DROP {att.label} to confirm")
+        return None
+    if att.kind in ("pdf", "docx") and att.paragraphs is not None:
+        return _apply_document(att, ids, pages or set(), red, name, changes, filename, att_note)
     phrase_in_bytes, pattern_in_bytes = red.bytes_contain(att.data) if red.active else (False,) * 2
 
     if att.paragraphs is None:
@@ -380,6 +389,69 @@ def _apply_attachment(
     )
 
 
+def _apply_document(
+    att: Attachment,
+    ids: set[str],
+    pages: set[int],
+    red: _Redactor,
+    name: str,
+    changes: list[str],
+    filename: str,
+    att_note: str,
+) -> Attachment:
+    """A PDF or Word file: passed as it came when nothing in it is removed; otherwise
+    rebuilt by the broker. A PDF becomes a new PDF made of images of its pages with the
+    removed parts blacked out (no text layer, metadata, annotations or embedded files are
+    carried over); a Word file becomes a PDF the broker renders from the approved text."""
+    from broker.attachments.docx import docx_contains, render_text_pdf
+    from broker.attachments.pdf import pdf_contains, redact_pdf
+
+    paragraphs = att.paragraphs or ()
+    removed = [p for p in paragraphs if p.id.upper() in ids]
+    kept = [p for p in paragraphs if p.id.upper() not in ids and (p.page not in pages)]
+    texts = red.segments([p.text for p in kept], [f"paragraph {p.id}" for p in kept])
+    kept_paragraphs = tuple(Paragraph(p.id, t, p.page) for p, t in zip(kept, texts, strict=True))
+    contains = pdf_contains if att.kind == "pdf" else docx_contains
+    phrase_inside = bool(red.phrases) and contains(att.data, red.phrases)
+    if phrase_inside:
+        # Found where the paragraphs do not show it too (metadata, annotations...).
+        for i, rx in enumerate(red.phrase_res):
+            if rx is not None and i not in red.found and contains(att.data, (red.phrases[i],)):
+                red.found.add(i)
+    if not removed and not pages and not phrase_inside:
+        return replace(att, filename=filename, note=att_note)
+    changes.extend(f"Removed paragraph {p.id}" for p in removed)
+    changes.extend(f"Removed page {n} of attachment {att.label}" for n in sorted(pages))
+    if att.kind == "pdf":
+        by_page: dict[int, list[int]] = {}
+        for p in removed:
+            if p.page is not None:
+                on_page = att.page_paragraphs(p.page)
+                by_page.setdefault(p.page, []).append(on_page.index(p))
+        data = redact_pdf(att.data, paragraphs=by_page, pages=sorted(pages),
+                          phrases=red.phrases)
+        changes.append(
+            f"Attachment {name} is sent as a new PDF the broker rebuilt from pictures of its "
+            f"{att.pages} page{'s' if att.pages != 1 else ''}, with what was removed blacked "
+            "out: it has no text layer, no document properties, no comments or annotations "
+            "and no attached files")
+        new_name = filename
+    else:
+        shown = [p.text for p in kept_paragraphs]
+        data = render_text_pdf(shown, heading=filename)
+        new_name = (filename[:-5] if filename.lower().endswith(".docx") else filename) + ".pdf"
+        changes.append(
+            f"Attachment {name} is sent as a PDF the broker made from the approved text, "
+            "because parts of it were removed (the Word file itself is not sent)")
+    if red.phrases and pdf_contains(data, red.phrases):
+        raise RedactionError(f"a removed phrase survived in the rebuilt {att.label}")
+    return Attachment(
+        label=att.label, filename=new_name, content_type="application/pdf", size=len(data),
+        data=data, paragraphs=kept_paragraphs, note=att_note, kind="pdf",
+        pages=att.pages, scanned=att.scanned,
+    )
+
+
 def _verify(content: ReleaseContent, phrases: tuple[str, ...], document: Document) -> None:
     """Fail closed: re-search everything that will be sent for every removed phrase.
 
@@ -397,6 +469,10 @@ def _verify(content: ReleaseContent, phrases: tuple[str, ...], document: Documen
         if att.data == originals.get(att.label):
             texts.append(att.filename)
             texts.extend(_decodings(att.data))
+        elif att.content_type == "application/pdf" and att.kind == "pdf":
+            # Rebuilt by the broker (pictures of pages): checked with the PDF reader,
+            # which sees every string and stream in it, in _apply_document.
+            texts.append(att.filename)
         else:
             # Our ".txt" suffix is, like the marker, not the sender's text.
             texts.append(_strip_txt(att.filename))

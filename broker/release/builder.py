@@ -74,7 +74,8 @@ def queue_release(
         "attachments": [a.filename for a in content.attachments],
         "attachments_detail": [
             {"filename": a.filename, "content_type": a.content_type, "size": a.size,
-             "sha256": hashlib.sha256(a.data).hexdigest()}
+             "sha256": hashlib.sha256(a.data).hexdigest(),
+             **({"pages": a.pages} if a.pages else {})}
             for a in content.attachments
         ],
         "released_by_name": released_by,

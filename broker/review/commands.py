@@ -32,6 +32,7 @@ class Redact:
 
     ids: tuple[str, ...] = ()  # "2", "A1.3"; ranges already expanded
     phrases: tuple[str, ...] = ()  # whitespace-normalised, as typed otherwise
+    pages: tuple[str, ...] = ()  # whole pages of a PDF attachment: "A1 p.2"
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,9 @@ _ATT_ID = re.compile(r"a([0-9]+)\.([0-9]+)", re.I)
 _BODY_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
 _ATT_RANGE = re.compile(r"a([0-9]+)\.([0-9]+)-(?:a([0-9]+)\.)?([0-9]+)", re.I)
 _LABEL = re.compile(r"a([0-9]+)", re.I)
+# A whole page of a PDF attachment: "A1 p.2", "A1 p2", "A1 page 2", "A1 p.2-3".
+_PAGE = re.compile(r"(?<![\w.])a([0-9]+)\s*(?:p\.?|pages?)\s*([0-9]+)(?:-([0-9]+))?(?![\w.])",
+                   re.I)
 _EMAIL = re.compile(r"[^@\s<>(),;:\"]+@[^@\s<>(),;:\"]+\.[^@\s<>(),;:\"]+")
 _TAG = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _MAILTO = re.compile(r"<\s*mailto:([^>]*)>", re.I)
@@ -370,6 +374,14 @@ def _parse_redact(line: str, args: str) -> Redact | str:
     rest = _QUOTED.sub(" ", args)
     if _QUOTE_CHARS.search(rest):
         return f"A quoted phrase is missing its closing quote. {_unreadable(line)}"
+    pages: list[str] = []
+    for m in _PAGE.finditer(_DASH.sub("-", rest)):
+        att, lo = int(m.group(1)), int(m.group(2))
+        hi = int(m.group(3)) if m.group(3) else lo
+        if hi < lo or hi - lo >= _MAX_RANGE:
+            return f"The page range {m.group(0).strip()} is not usable. {_unreadable(line)}"
+        pages.extend(f"A{att} p.{n}" for n in range(lo, hi + 1))
+    rest = _PAGE.sub(" ", _DASH.sub("-", rest))
     ids: list[str] = []
     for raw in _tokens(_DASH.sub("-", rest), _ID_FILLER):
         token = _strip_brackets(raw).rstrip(".")
@@ -377,9 +389,10 @@ def _parse_redact(line: str, args: str) -> Redact | str:
         if isinstance(expanded, str):
             return f"{expanded} {_unreadable(line)}"
         ids.extend(expanded)
-    if not ids and not phrases:
+    if not ids and not phrases and not pages:
         return f"REDACT needs paragraph numbers or a quoted phrase. {_unreadable(line)}"
-    return Redact(ids=_dedupe(ids), phrases=_dedupe(phrases, key=str.casefold))
+    return Redact(ids=_dedupe(ids), phrases=_dedupe(phrases, key=str.casefold),
+                  pages=_dedupe(pages))
 
 
 def _expand_id(token: str) -> list[str] | str:
@@ -516,6 +529,8 @@ def summarize(commands: Iterable[Command]) -> list[str]:
                 word = "paragraph" if len(c.ids) == 1 else "paragraphs"
                 lines.append(f"Remove {word} {join_words(list(c.ids))}")
             lines.extend(f'Remove "{p}" everywhere it appears' for p in c.phrases)
+            lines.extend(f"Remove page {p.split(' p.')[1]} of attachment {p.split(' ')[0]}"
+                         for p in c.pages)
         elif isinstance(c, Drop):
             word = "attachment" if len(c.labels) == 1 else "attachments"
             lines.append(f"Leave out {word} {join_words(list(c.labels))}")

@@ -162,6 +162,7 @@ def _merge_edits(
     """The old draft plus this reply's edits, validated against the document and team."""
     known_ids = {i.upper(): i for i in document.paragraph_ids()}
     ids = set(draft.redact_ids)
+    pages = set(draft.redact_pages)
     phrases = list(draft.phrases)
     dropped = set(draft.dropped)
     notes: list[str] = []
@@ -182,6 +183,21 @@ def _merge_edits(
                     problems.append("An empty phrase cannot be removed.")
                 elif phrase.casefold() not in {x.casefold() for x in phrases}:
                     phrases.append(phrase)
+            for ref in c.pages:
+                label, _, number = ref.partition(" p.")
+                att = document.attachment(label)
+                if att is None:
+                    problems.append(f"There is no attachment {label} in this record.")
+                elif att.pages is None:
+                    problems.append(f"Attachment {att.label} ({att.filename}) has no pages: "
+                                    f"REDACT its paragraphs ({att.label}.1 ...) or DROP "
+                                    f"{att.label}.")
+                elif not 1 <= int(number) <= att.pages:
+                    problems.append(f"Attachment {att.label} has {att.pages} page"
+                                    f"{'s' if att.pages != 1 else ''}; there is no page "
+                                    f"{number}.")
+                else:
+                    pages.add(f"{att.label} p.{int(number)}")
         elif isinstance(c, Drop):
             for label in c.labels:
                 att = document.attachment(label)
@@ -206,6 +222,7 @@ def _merge_edits(
         return None
     return Draft(
         redact_ids=frozenset(ids),
+        redact_pages=frozenset(pages),
         phrases=tuple(phrases),
         dropped=frozenset(dropped),
         recipients=recipients,
@@ -263,6 +280,11 @@ def _id_order(document: Document) -> dict[str, int]:
     return {i.upper(): n for n, i in enumerate(order)}
 
 
+def _page_key(ref: str) -> tuple[int, int]:
+    label, _, number = ref.partition(" p.")
+    return int(label[1:] or 0), int(number or 0)
+
+
 def summarize_draft(document: Document, draft: Draft, team: Team) -> list[str]:
     """Everything the draft changes from the original, for the preview the parent confirms."""
     lines: list[str] = []
@@ -272,6 +294,9 @@ def summarize_draft(document: Document, draft: Draft, team: Team) -> list[str]:
         word = "paragraph" if len(ids) == 1 else "paragraphs"
         lines.append(f"Remove {word} {join_words(ids)}")
     lines.extend(f'Remove "{p}" everywhere it appears' for p in draft.phrases)
+    for ref in sorted(draft.redact_pages, key=_page_key):
+        label, _, number = ref.partition(" p.")
+        lines.append(f"Remove page {number} of attachment {label} (blacked out)")
     dropped = {d.upper() for d in draft.dropped}
     for att in document.attachments:
         if att.label.upper() in dropped:

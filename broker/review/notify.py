@@ -19,7 +19,7 @@ from broker.content.store import ContentStore
 from broker.crypto.outbound import protect, withheld
 from broker.db.models import AuditEvent, Child, Delivery, Person, Record, utcnow
 from broker.mail import compose as mc
-from broker.mail.document import Document, ReleaseContent
+from broker.mail.document import Attachment, Document, ReleaseContent
 from broker.release.outbox import enqueue
 from broker.review import render
 
@@ -50,6 +50,18 @@ def as_shown(people: Sequence[Person]) -> tuple[render.Person, ...]:
         tags = json.loads(p.tags or "[]")
         role = p.role + (f" ({', '.join(tags)})" if tags else "")
         out.append(render.Person(name=p.name, email=p.email, role=role))
+    return tuple(out)
+
+
+def _full_texts(attachments: Sequence[Attachment]) -> tuple[Attachment, ...]:
+    """A text file with the whole numbered text of each long attachment (the mail body
+    only summarises it)."""
+    out = []
+    for a in attachments:
+        if render.is_long(a):
+            data = render.full_text(a).encode("utf-8")
+            out.append(Attachment(label="", filename=render.full_text_name(a),
+                                  content_type="text/plain", size=len(data), data=data))
     return tuple(out)
 
 
@@ -89,6 +101,7 @@ class Notifier:
                                         record_id=record.id)
         sent = []
         people = list(deciders) if deciders is not None else guardians(s, child)
+        full_texts = _full_texts(doc.attachments)
         for seq, guardian in enumerate(people):
             text = render.render_review_request(
                 render.ReviewContext(
@@ -109,6 +122,7 @@ class Notifier:
             data = mc.compose_review_request(
                 child_name=child.name, slug=child.slug, domain=self.domain, token=token,
                 to=guardian.email, to_name=guardian.name, subject=subject, text=text, seq=seq,
+                attachments=full_texts,
             )
             self._queue(s, "review", guardian, data, record,
                         message_id=mc.review_message_id(token, self.domain, seq))
@@ -145,6 +159,9 @@ class Notifier:
             child_name=child.name, slug=child.slug, domain=self.domain, token=token,
             to=guardian.email, to_name=guardian.name, subject=subject, text=text,
             seq=record.version * 1000 + seq,
+            # Exactly what recipients would get, attachments included (redacted PDFs as
+            # rebuilt), plus the full text of long ones.
+            attachments=tuple(content.attachments) + _full_texts(content.attachments),
         )
         self._queue(s, "preview", guardian, data, record,
                     message_id=mc.review_message_id(token, self.domain,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import jinja2
 
 from broker.mail.compose import first_name, possessive, records_name
-from broker.mail.document import Document, ReleaseContent
+from broker.mail.document import Attachment, Document, Paragraph, ReleaseContent
 
 WIDTH = 76
 DEFAULT_CONSENT = "explicit approval by the guardian"
@@ -223,6 +223,50 @@ def notice_subject(
     return f"{tag} {titles[kind]}: {subject}"
 
 
+# An attachment with more text than this is summarised in the mail (the first lines of each
+# page) and shown in full in an attached text file, so the review request stays readable.
+LONG_PARAGRAPHS = 40
+LONG_CHARS = 12_000
+SUMMARY_CHARS = 160
+
+
+def is_long(att: Attachment) -> bool:
+    paragraphs = att.paragraphs or ()
+    return len(paragraphs) > LONG_PARAGRAPHS or sum(len(p.text) for p in paragraphs) > LONG_CHARS
+
+
+def page_groups(att: Attachment) -> list[tuple[int | None, list[Paragraph]]]:
+    """The paragraphs grouped by page (one group with page None for files without pages)."""
+    groups: list[tuple[int | None, list[Paragraph]]] = []
+    for p in att.paragraphs or ():
+        if not groups or groups[-1][0] != p.page:
+            groups.append((p.page, []))
+        groups[-1][1].append(p)
+    return groups
+
+
+def full_text_name(att: Attachment) -> str:
+    return f"{att.label}-full-text.txt"
+
+
+def full_text(att: Attachment) -> str:
+    """The whole numbered text of a long attachment, for the file the review request
+    carries (the same numbering the parent uses in REDACT)."""
+    lines = [f"{att.label} {oneline(att.filename)}" + (f", {att.pages} pages" if att.pages
+                                                        else ""), ""]
+    for page, paragraphs in page_groups(att):
+        if page is not None:
+            lines += [f"--- {att.label} p.{page} ---", ""]
+        for p in paragraphs:
+            lines += [hang(p.text, f"[{p.id}] "), ""]
+    return "\n".join(lines)
+
+
+def summary_line(text: str) -> str:
+    text = oneline(text)
+    return text if len(text) <= SUMMARY_CHARS else text[:SUMMARY_CHARS].rstrip() + " ..."
+
+
 @lru_cache(maxsize=8)
 def _environment(folder: Path) -> jinja2.Environment:
     """One cached Jinja2 environment per templates folder: plain text, strict, no escaping."""
@@ -236,6 +280,10 @@ def _environment(folder: Path) -> jinja2.Environment:
     )
     env.filters["hang"] = hang
     env.filters["human_size"] = human_size
+    env.globals["is_long"] = is_long
+    env.globals["page_groups"] = page_groups
+    env.globals["full_text_name"] = full_text_name
+    env.filters["summary_line"] = summary_line
     env.filters["utc"] = format_utc
     env.filters["oneline"] = oneline
     env.filters["chomp"] = lambda text: str(text).rstrip("\n")
