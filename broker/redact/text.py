@@ -23,6 +23,9 @@ from dataclasses import dataclass, field, replace
 from broker.mail.document import Attachment, Document, Draft, Paragraph, ReleaseContent
 
 MARKER = "[redacted]"
+# Lines broker.attachments.docx.read_docx lists after a Word file's text.
+DOCX_SIDE_NOTES = ("Comment by ", "Comment:", "Deleted text (tracked change):",
+                   "Document property (")
 # Blocks of text are joined with this when they are matched (and rendered) as one sequence.
 _JOIN = "\n\n"
 
@@ -437,8 +440,16 @@ def _apply_document(
             "and no attached files")
         new_name = filename
     else:
-        shown = [p.text for p in kept_paragraphs]
-        data = render_text_pdf(shown, heading=filename)
+        # What the Word file carries outside its text (comments, tracked deletions, document
+        # properties) was shown to the parent, but a broker-made PDF has no place for it:
+        # it is left out (sending less is always safe), and the preview says so.
+        side = [p for p in kept_paragraphs if p.text.startswith(DOCX_SIDE_NOTES)]
+        kept_paragraphs = tuple(p for p in kept_paragraphs if p not in side)
+        if side:
+            changes.append(f"Comments, tracked deletions and document properties of {name} "
+                           f"({len(side)} item{'s' if len(side) != 1 else ''}) are left out "
+                           "of the PDF")
+        data = render_text_pdf([p.text for p in kept_paragraphs], heading=filename)
         new_name = (filename[:-5] if filename.lower().endswith(".docx") else filename) + ".pdf"
         changes.append(
             f"Attachment {name} is sent as a PDF the broker made from the approved text, "
