@@ -454,3 +454,30 @@ def test_authentication_results_of_the_trusted_mta_releases(world: World) -> Non
     world.wait_for(lambda m: m.rcpt_tos[0] in SCHOOL, count=2)
     approved = world.wait_audit("approved")
     assert json.loads(approved[0].description)["auth"] == "authentication-results"
+
+
+PROVIDER_RCVD = ("Received", "from mx.home.example by mx.provider.example; Mon, 2 Mar 2026")
+
+
+@pytest.mark.parametrize(("headers", "ok"), [
+    # IMAP mode: the mailbox provider's own result, below its own Received lines (as Gmail
+    # writes it): believed.
+    (_ar(PROVIDER_RCVD, RCVD,
+         ("Authentication-Results", f"{TRUSTED}; dkim=pass header.d=home.example")), True),
+    # The topmost trusted header decides: a forged pass below a real fail counts for nothing.
+    (_ar(PROVIDER_RCVD,
+         ("Authentication-Results", f"{TRUSTED}; dkim=fail header.d=home.example"),
+         ("Authentication-Results", f"{TRUSTED}; dkim=pass header.d=home.example")), False),
+    # Untrusted ids are skipped; the trusted one below them still decides.
+    (_ar(("Authentication-Results", "mx.evil.example; dkim=pass header.d=home.example"),
+         ("Authentication-Results", f"{TRUSTED}; dkim=pass header.d=home.example")), True),
+    (_ar(("Authentication-Results", f"{TRUSTED}; dkim=pass header.d=evil.example")), False),
+    (_ar(PROVIDER_RCVD), False),
+])
+def test_mailbox_mode_trusts_the_topmost_provider_header(
+        headers: list[tuple[str, str]], ok: bool) -> None:
+    check = check_authentication_results(headers, "home.example", [TRUSTED], mailbox=True)
+    assert check.ok is ok, check.seen
+    # Without mailbox mode none of the passes below a Received counts.
+    if headers and headers[0] == PROVIDER_RCVD:
+        assert not check_authentication_results(headers, "home.example", [TRUSTED]).ok

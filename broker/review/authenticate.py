@@ -94,12 +94,13 @@ def _dkim(msg: EmailMessage, guardian: Person, settings: Settings,
     sig = verify_dkim(data, domain)
     if sig.ok:
         return AuthResult(True, "dkim", _cut(f"DKIM verified by the broker: {sig.describe()}"))
-    if not from_trusted_relay(peer, settings.trusted_relays):
+    mailbox = peer.startswith(MAILBOX_PEER)
+    if not mailbox and not from_trusted_relay(peer, settings.trusted_relays):
         return AuthResult(False, "dkim", _cut(
             f"no DKIM signature verified for {safe(domain)}: {sig.describe()}; "
             "Authentication-Results not considered (not handed over by a trusted relay)"))
     ar = check_authentication_results(header_list(data), domain,
-                                      settings.trusted_authserv_ids)
+                                      settings.trusted_authserv_ids, mailbox=mailbox)
     if ar.ok:
         return AuthResult(True, "authentication-results",
                           _cut(f"{ar.describe()}; broker DKIM check: {sig.describe()}"))
@@ -170,6 +171,10 @@ def effective_mode(configured: str, guardian_mode: str | None) -> str:
     if guardian_mode in order and configured in order:
         return max(configured, guardian_mode, key=order.index)
     return configured
+
+
+# The peer recorded for mail fetched from the broker's mailbox (IMAP mode): "imap:HOST".
+MAILBOX_PEER = "imap:"
 
 
 def from_trusted_relay(peer: str, relays: tuple[str, ...]) -> bool:
