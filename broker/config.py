@@ -16,20 +16,138 @@ from typing import Any
 
 CONFIG_NAME = "broker.toml"
 AUTH_MODES = ("token", "dkim", "pgp")
+SMTP_PROTOCOLS = ("smtp", "lmtp")
 
 
 class ConfigError(Exception):
     """broker.toml is missing or wrong; the message says which setting and why."""
 
 
+RELAY_TLS_MODES = ("none", "starttls", "implicit")
+
+
 @dataclass(frozen=True)
 class RelaySettings:
+    """[relay]: the submission server outbound copies are handed to.
+
+    tls: "none", "starttls" (plain connect, STARTTLS before anything else) or "implicit"
+    (TLS from the first byte, usually port 465). `starttls = True` is the older spelling
+    of tls = "starttls". verify checks the relay's certificate chain and host name;
+    ca_file is a PEM bundle trusted instead of the system's CAs. AUTH (PLAIN/LOGIN) when
+    username is set, over TLS only unless allow_plaintext_auth."""
+
     host: str = "127.0.0.1"
     port: int = 25
     starttls: bool = False
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     timeout: float = 30.0
+    tls: str = "none"
+    verify: bool = True
+    ca_file: str = ""
+    allow_plaintext_auth: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls not in RELAY_TLS_MODES:
+            raise ConfigError(f"relay.tls must be one of {', '.join(RELAY_TLS_MODES)}, "
+                              f"got {self.tls!r}")
+        if self.starttls and self.tls == "none":
+            object.__setattr__(self, "tls", "starttls")
+
+
+def _relay(section: object, home: Path, source: str) -> RelaySettings:
+    """[relay], with BROKER_RELAY_PASSWORD winning over password and password_file."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: [relay] must be a table")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "host": str, "port": int, "starttls": bool, "tls": str, "verify": bool,
+        "ca_file": str, "username": str, "password": str, "password_file": str,
+        "allow_plaintext_auth": bool, "timeout": (int, float),
+    }
+    for key, value in section.items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise ConfigError(f"{source}: relay.{key} is not a relay setting "
+                              f"(known: {', '.join(kinds)})")
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            name = kind.__name__ if isinstance(kind, type) else "a number"
+            raise ConfigError(f"{source}: relay.{key} must be {name}, got {value!r}")
+    tls = section.get("tls")
+    starttls = section.get("starttls", False)
+    if tls is None:
+        tls = "starttls" if starttls else "none"
+    elif tls not in RELAY_TLS_MODES:
+        raise ConfigError(f"{source}: relay.tls must be one of "
+                          f"{', '.join(repr(m) for m in RELAY_TLS_MODES)}, got {tls!r}")
+    elif starttls and tls != "starttls":
+        raise ConfigError(f"{source}: relay.starttls = true contradicts relay.tls = {tls!r}; "
+                          "drop starttls (tls replaces it)")
+    ca_file = section.get("ca_file", "")
+    if ca_file:
+        ca_path = (home / Path(ca_file).expanduser()).resolve()
+        if not ca_path.is_file():
+            raise ConfigError(f"{source}: relay.ca_file {ca_path} is not a file")
+        ca_file = str(ca_path)
+    password = section.get("password", "")
+    password_file = section.get("password_file", "")
+    if password and password_file:
+        raise ConfigError(f"{source}: relay.password and relay.password_file are both set; "
+                          "keep one")
+    env_password = os.environ.get("BROKER_RELAY_PASSWORD")
+    if password_file and not env_password:
+        password = _read_password_file(home / Path(password_file).expanduser(), source)
+    default_port = {"implicit": 465, "starttls": 587}.get(tls, 25)
+    return RelaySettings(
+        host=section.get("host") or "127.0.0.1",
+        port=section.get("port") or default_port,
+        tls=tls,
+        verify=section.get("verify", True),
+        ca_file=ca_file,
+        username=section.get("username", ""),
+        password=env_password or password,
+        allow_plaintext_auth=section.get("allow_plaintext_auth", False),
+        timeout=float(section.get("timeout") or 30.0),
+    )
+
+
+def _read_password_file(path: Path, source: str) -> str:
+    """The relay password from a file only the broker's user can read (mode 600/400)."""
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise ConfigError(
+                f"{source}: relay.password_file {path} is open to group/others (mode "
+                f"{mode & 0o777:o}); refusing to use it: chmod 600 {path}")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: relay.password_file {path}: {exc.strerror}") from exc
+    password = text.rstrip("\r\n")
+    if not password:
+        raise ConfigError(f"{source}: relay.password_file {path} is empty")
+    return password
+
+
+IMAP_TLS_MODES = ("implicit", "starttls", "none")
+
+
+@dataclass(frozen=True)
+class ImapSettings:
+    """[imap]: take mail from a mailbox at an ordinary provider (broker.intake.imap) instead
+    of, or besides, the SMTP intake."""
+
+    host: str
+    port: int = 993
+    tls: str = "implicit"  # "implicit" (IMAPS), "starttls" or "none"
+    user: str = ""
+    password: str = field(default="", repr=False)
+    folder: str = "INBOX"  # watched for new mail
+    processed_folder: str = "Processed"  # taken mail is moved here (created when missing)
+    verify: bool = True  # check the server's TLS certificate and name
+    poll_interval: float = 60.0  # seconds between checks (and IDLE renewals)
+    # Child slug whose list address mail is for when it names none of the broker's
+    # addresses (the mailbox is one address); empty: the only child there is.
+    child: str = ""
+    timeout: float = 60.0  # seconds a single IMAP command may take
 
 
 @dataclass(frozen=True)
@@ -56,6 +174,8 @@ class Settings:
     domain: str
     listen_host: str = "127.0.0.1"
     listen_port: int = 2525
+    # [smtp] protocol: "smtp", or "lmtp" when an MTA in front delivers with LMTP.
+    smtp_protocol: str = "smtp"
     relay: RelaySettings = field(default_factory=RelaySettings)
     database_url: str = ""
     max_message_size: int = 25 * 1024 * 1024
@@ -77,6 +197,8 @@ class Settings:
     expiry_interval: float = 60.0
     # [limits]: hostile or broken input gets a clear answer, never a crash (see the template).
     limits: Limits = field(default_factory=Limits)
+    # [imap]: a mailbox to watch (broker.intake.imap); None when the section is absent.
+    imap: ImapSettings | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -133,17 +255,11 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
     smtp = raw.get("smtp", {})
     listen = need(smtp, "listen", str, "smtp.") or "127.0.0.1:2525"
     lhost, lport = parse_hostport(listen, f"{source}: smtp.listen")
-    relay_raw = raw.get("relay", {})
-    relay = RelaySettings(
-        host=need(relay_raw, "host", str, "relay.") or "127.0.0.1",
-        port=need(relay_raw, "port", int, "relay.") or 25,
-        starttls=bool(need(relay_raw, "starttls", bool, "relay.") or False),
-        username=need(relay_raw, "username", str, "relay.") or "",
-        password=os.environ.get("BROKER_RELAY_PASSWORD")
-        or need(relay_raw, "password", str, "relay.")
-        or "",
-        timeout=need(relay_raw, "timeout", float, "relay.") or 30.0,
-    )
+    protocol = need(smtp, "protocol", str, "smtp.") or "smtp"
+    if protocol not in SMTP_PROTOCOLS:
+        raise ConfigError(f"{source}: smtp.protocol must be one of "
+                          f"{', '.join(SMTP_PROTOCOLS)}, got {protocol!r}")
+    relay = _relay(raw.get("relay", {}), home, source)
     db = raw.get("database", {})
     url = os.environ.get("BROKER_DATABASE_URL") or need(db, "url", str, "database.") or ""
     hold = raw.get("hold", {})
@@ -184,6 +300,7 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         domain=domain.lower(),
         listen_host=lhost,
         listen_port=lport,
+        smtp_protocol=protocol,
         relay=relay,
         database_url=url or default_database_url(home),
         max_message_size=size,
@@ -196,6 +313,71 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
         expiry_interval=need(hold, "check_interval", float, "hold.") or 60.0,
         limits=limits,
+        imap=_imap(raw.get("imap"), home, source),
+    )
+
+
+def _imap(section: object, home: Path, source: str) -> ImapSettings | None:
+    """[imap]: absent means no mailbox is watched. The password comes from
+    BROKER_IMAP_PASSWORD, else password_file (relative to the home), else password."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: [imap] must be a table")
+    known = {"host", "port", "tls", "user", "password", "password_file", "folder",
+             "processed_folder", "verify", "poll_interval", "child", "timeout"}
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"{source}: imap.{key} is not a known setting "
+                              f"(known: {', '.join(sorted(known))})")
+
+    def get(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = section.get(key, default)
+        if isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{source}: imap.{key} must not be true/false, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{source}: imap.{key} has the wrong type: {value!r}")
+        return value
+
+    host = get("host", str, "").strip()
+    if not host:
+        raise ConfigError(f"{source}: imap.host is required")
+    tls = get("tls", str, "implicit")
+    if tls not in IMAP_TLS_MODES:
+        raise ConfigError(f"{source}: imap.tls must be one of {', '.join(IMAP_TLS_MODES)}, "
+                          f"got {tls!r}")
+    port = get("port", int, 993 if tls == "implicit" else 143)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{source}: imap.port must be a TCP port, got {port!r}")
+    user = get("user", str, "")
+    if not user:
+        raise ConfigError(f"{source}: imap.user is required")
+    password = os.environ.get("BROKER_IMAP_PASSWORD") or ""
+    password_file = get("password_file", str, "")
+    if not password and password_file:
+        path = Path(password_file).expanduser()
+        path = path if path.is_absolute() else home / path
+        try:
+            password = path.read_text(encoding="utf-8").strip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{source}: imap.password_file {path}: {exc.strerror}") from exc
+    if not password:
+        password = get("password", str, "")
+    if not password:
+        raise ConfigError(f"{source}: [imap] needs a password: imap.password, "
+                          "imap.password_file or BROKER_IMAP_PASSWORD")
+    folder = get("folder", str, "INBOX") or "INBOX"
+    processed = get("processed_folder", str, "Processed") or "Processed"
+    if processed == folder:
+        raise ConfigError(f"{source}: imap.processed_folder must differ from imap.folder")
+    poll = float(get("poll_interval", (int, float), 60.0))
+    timeout = float(get("timeout", (int, float), 60.0))
+    if poll <= 0 or timeout <= 0:
+        raise ConfigError(f"{source}: imap.poll_interval and imap.timeout must be positive")
+    return ImapSettings(
+        host=host, port=port, tls=tls, user=user, password=password, folder=folder,
+        processed_folder=processed, verify=get("verify", bool, True), poll_interval=poll,
+        child=get("child", str, "").strip().lower(), timeout=timeout,
     )
 
 
@@ -241,8 +423,12 @@ domain = "{domain}"
 [smtp]
 # Where the broker's SMTP intake listens (HOST:PORT).
 listen = "{listen}"
-# Larger mail is refused with 552 (bytes; 25 MB).
+# Larger mail is refused with 552 (bytes; 25 MB). Behind Postfix, set its
+# message_size_limit to the same number (deploy/postfix/README.md).
 max_message_size = {max_size}
+# "smtp", or "lmtp" when the MTA in front hands mail over with LMTP
+# (Postfix: lmtp:inet:HOST:PORT in its transport map).
+protocol = "smtp"
 
 [limits]
 # What one message or one client may ask of the broker. Refused at SMTP, so the
@@ -272,12 +458,28 @@ max_attachments = 50
 notices_per_address_per_day = 50
 
 [relay]
-# The SMTP server that carries the broker's outbound mail.
+# The SMTP server that carries the broker's outbound mail (your submission server).
 host = "{relay_host}"
 port = {relay_port}
-starttls = false
+# Encryption: "starttls" (usually port 587: connect, then STARTTLS before anything
+# else), "implicit" (usually port 465: TLS from the first byte) or "none" (only for
+# a relay on this machine or a network you control).
+tls = "none"
+# Check the relay's certificate (chain and host name). Leave on. For a relay with a
+# private CA, point ca_file at its PEM bundle (trusted instead of the system's CAs).
+verify = true
+ca_file = ""
+# Log in (AUTH PLAIN or LOGIN) when username is set. The password: here, or in
+# password_file (a file only the broker's user may read: chmod 600), or in the
+# environment as BROKER_RELAY_PASSWORD (wins over both). A refused login or an
+# untrusted certificate keeps the copies queued and is logged for you to fix.
 username = ""
 password = ""
+password_file = ""
+# The login is only sent over TLS; true allows it on tls = "none" (never across a
+# network you do not control).
+allow_plaintext_auth = false
+# Seconds to wait for the relay.
 timeout = 30.0
 
 [database]
@@ -322,6 +524,24 @@ forwarded = false
 # Seconds between delivery attempts; the last step repeats until give_up_after.
 retry_schedule = [60, 300, 1800, 7200, 21600]
 give_up_after = 259200
+
+# [imap]
+# Mailbox mode: take mail from a mailbox at an ordinary provider instead of (or besides)
+# the SMTP intake. `broker serve` watches the folder (IDLE, else polling), stores each new
+# message in the spool and then moves it to processed_folder (created when missing).
+# Mail naming none of the broker's addresses is for the list address of `child` (or
+# the only child). The password may instead be in password_file (relative to this
+# home) or the environment (BROKER_IMAP_PASSWORD).
+# host = "imap.provider.example"
+# port = 993
+# tls = "implicit"            # "implicit" (port 993), "starttls" (143) or "none"
+# user = "family.records@provider.example"
+# password_file = "imap-password"
+# folder = "INBOX"
+# processed_folder = "Processed"
+# verify = true               # check the server's certificate
+# poll_interval = 60          # seconds between checks where IDLE is missing
+# child = "sam"
 """
 
 

@@ -1,6 +1,7 @@
 """`broker serve`: the SMTP intake, the pipeline worker, the outbox sender and the
 scheduler (role "expiry": hold expiry, reminders, consent and coming-of-age notices;
-broker.schedule), wired together in one process.
+broker.schedule), wired together in one process. With [imap] configured, role "imap"
+also watches a mailbox and spools its mail (broker.intake.imap).
 
 The SMTP server only spools; each worker is a plain thread with its own loop, woken
 early by an event when there is new work and otherwise polling, so nothing is
@@ -17,7 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from broker.config import Settings
-from broker.db.models import Child
+from broker.db.models import Child, Inbound
+from broker.intake.imap import STATE_NAME, ImapFetcher
 from broker.intake.pipeline import Pipeline
 from broker.intake.smtp import IntakeHandler, IntakeServer, address_acceptor
 from broker.release.sender import OutboxSender
@@ -89,7 +91,8 @@ class Worker(threading.Thread):
                 self.wake.clear()
 
 
-ROLES = ("intake", "pipeline", "outbox", "expiry")
+# "imap" runs only when broker.toml has an [imap] section; elsewhere it is a no-op.
+ROLES = ("intake", "pipeline", "outbox", "expiry", "imap")
 
 
 class Service:
@@ -132,6 +135,7 @@ class Service:
             data_size_limit=settings.max_message_size,
             connections_per_address=settings.limits.connections_per_address,
             limit_loopback=settings.limits.limit_loopback,
+            lmtp=settings.smtp_protocol == "lmtp",
         )
         workers = [
             Worker("pipeline", self.pipeline.run_once, self.stop_event, poll,
@@ -143,7 +147,47 @@ class Service:
             Worker("expiry", lambda: run_schedule(self.rt), self.stop_event,
                    settings.expiry_interval, after=self.sender_wake.set),
         ]
+        self.imap: ImapFetcher | None = None
+        # Its own stop event: the fetcher stores into the spool, so it stops (like the
+        # SMTP intake) before the spool closes.
+        self.imap_stop = threading.Event()
+        if settings.imap is not None and "imap" in roles:
+            self.imap = self._imap_fetcher(settings, stored)
+            # The fetcher waits itself (IDLE, polling, backoff): no idle pause here.
+            workers.append(Worker("imap", self.imap.step, self.imap_stop, 0.0))
         self.workers = [w for w in workers if w.name in roles]
+
+    def _imap_fetcher(self, settings: Settings,
+                      stored: Callable[[str], None]) -> ImapFetcher:
+        imap = settings.imap
+        assert imap is not None
+        domain = settings.domain
+
+        def default_rcpts() -> tuple[str, ...]:
+            # The mailbox is one address: mail naming no address of the broker is for the
+            # configured child's list, or the only child's.
+            if imap.child:
+                return (f"{imap.child}@{domain}",)
+            slugs = sorted(self.slugs())
+            if len(slugs) == 1:
+                return (f"{slugs[0]}@{domain}",)
+            log.warning("imap: mail names no child and [imap] child is not set; kept as stray")
+            return ()
+
+        def already_spooled(sha256: str) -> bool:
+            with self.rt.db.read_session() as s:
+                return s.scalar(select(Inbound.id).where(Inbound.sha256 == sha256)
+                                .limit(1)) is not None
+
+        return ImapFetcher(
+            imap, self.rt.spool, state_path=settings.home / STATE_NAME,
+            accepts=address_acceptor(domain, self.slugs), default_rcpts=default_rcpts,
+            on_stored=stored, already_spooled=already_spooled,
+            max_message_size=settings.max_message_size,
+            max_headers=settings.limits.max_headers,
+            max_header_length=settings.limits.max_header_length,
+            stop=self.imap_stop,
+        )
 
     def start(self) -> None:
         self.rt.spool.cleanup_partial()
@@ -155,7 +199,12 @@ class Service:
                      self.rt.settings.domain)
 
     def stop(self) -> None:
-        # The intake first, so every 250 already given is on disk before workers stop.
+        # The intakes first, so every 250 already given (every message stored from the
+        # mailbox) is on disk before workers stop.
+        self.imap_stop.set()
+        for w in self.workers:
+            if w.name == "imap":
+                w.join(timeout=30)
         self.server.stop()
         self.slugs.stop()
         self.handler.close()
@@ -165,6 +214,9 @@ class Service:
             w.wake.set()
         for w in self.workers:
             w.join(timeout=30)
+        if self.imap is not None:
+            self.imap.close()
+        self.sender.close()  # QUIT to the relay on the persistent connection
         self.rt.close()
 
     @property

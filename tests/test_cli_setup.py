@@ -32,8 +32,10 @@ def test_init_writes_settings_and_database(runner: CliRunner, tmp_path: Path) ->
     assert settings["domain"] == "records.example"
     assert settings["smtp"]["listen"] == "127.0.0.1:2525"
     assert settings["smtp"]["max_message_size"] == 25 * 1024 * 1024
-    assert settings["relay"] == {"host": "127.0.0.1", "port": 2526, "starttls": False,
-                                 "username": "", "password": "", "timeout": 30.0}
+    assert settings["relay"] == {"host": "127.0.0.1", "port": 2526, "tls": "none",
+                                 "verify": True, "ca_file": "", "username": "", "password": "",
+                                 "password_file": "", "allow_plaintext_auth": False,
+                                 "timeout": 30.0}
     # The hold lifetime comes from the rules unless the operator overrides it here.
     assert "lifetime_days" not in settings["hold"]
     assert load(home).hold_days is None

@@ -66,7 +66,8 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
         return
 
     workers = _Workers(settings.home, log_level)
-    service = Service(settings, roles=("intake",), on_stored=workers.wake)
+    # The mailbox fetcher ([imap]) stores into the spool like the SMTP intake: it runs here.
+    service = Service(settings, roles=("intake", "imap"), on_stored=workers.wake)
     workers.start()
     _start(service, settings)
     while not stop.wait(1.0):

@@ -50,6 +50,7 @@ from broker.records import states
 from broker.records.transitions import transition
 from broker.redact.text import apply_draft
 from broker.release.approve import release
+from broker.release.bounces import handle_bounce
 from broker.review import render, tokens
 from broker.review.notify import Notifier, guardians
 from broker.review.replies import handle_reply
@@ -195,6 +196,14 @@ class Pipeline:
             record_event(s, action="bounce_received", actor=env.mail_from or "<>",
                          actor_role="outside",
                          description={"inbound": inbound.id, "deliveries": bounce_ids})
+            try:
+                bounce_msg = email.message_from_bytes(raw, policy=policy.default)
+            except RecursionError:
+                inbound.outcome = "bounce: MIME nested too deeply to read; kept"
+                return
+            assert isinstance(bounce_msg, EmailMessage)
+            handle_bounce(s, self.rt, self.notifier, inbound, bounce_msg, env.mail_from,
+                          bounce_ids)
             return
 
         addr_tokens = [t for r in rcpts if (t := mc.token_from_address(r, domain))]

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session as SMTPSession
@@ -147,7 +148,17 @@ class IntakeHandler:
     async def handle_DATA(
         self, server: SMTP, session: SMTPSession, envelope: SMTPEnvelope
     ) -> str:
-        """Store the raw bytes durably off the event loop; only then say 250."""
+        """Store the raw bytes durably off the event loop; only then say 250.
+
+        Over LMTP (RFC 2033 4.2) the answer is one reply line per accepted recipient: the
+        message is stored once for all of them, so every line carries the same status."""
+        status = await self._store_message(session, envelope)
+        if isinstance(server, LMTP):
+            return lmtp_replies(status, len(envelope.rcpt_tos))
+        return status
+
+    async def _store_message(self, session: SMTPSession, envelope: SMTPEnvelope) -> str:
+        """The one reply for the whole message (SMTP's answer to DATA)."""
         data = envelope.original_content
         if data is None:  # aiosmtpd always sets it before calling us
             return REPLY_TEMP_FAILURE
@@ -221,6 +232,12 @@ class IntakeHandler:
         self._executor.shutdown(wait=True)
 
 
+def lmtp_replies(status: str, recipients: int) -> str:
+    """``status`` once per recipient, CRLF-joined for aiosmtpd's ``push`` (which adds the
+    last CRLF): LMTP's answer after DATA. At least one line, so the client always hears."""
+    return "\r\n".join([status] * max(recipients, 1))
+
+
 def address_acceptor(domain: str, child_slugs: Callable[[], set[str]]) -> Callable[[str], bool]:
     """Recipient policy for RCPT: child list addresses, review+TOKEN, bounces+ID at ``domain``.
 
@@ -250,6 +267,10 @@ class IntakeServer:
     cannot bind port 0 (its start-up self-connection goes to the literal port) and always wants
     its own thread; here ``start_async`` runs on the caller's loop (``broker serve``) and
     ``start`` runs a private loop thread (tests, scripts).
+
+    ``lmtp=True`` serves the same handler over LMTP (RFC 2033) instead, for an MTA in front
+    (Postfix ``lmtp:inet:HOST:PORT``): LHLO instead of HELO/EHLO, and after DATA one reply
+    per accepted recipient.
     """
 
     def __init__(
@@ -263,8 +284,10 @@ class IntakeServer:
         timeout: float = 300.0,
         connections_per_address: int | None = None,
         limit_loopback: bool = True,
+        lmtp: bool = False,
     ) -> None:
         self.handler = handler
+        self.lmtp = lmtp
         self._host = host
         self._port = port
         # Passing hostname stops aiosmtpd calling socket.getfqdn() (blocking DNS) per connection.
@@ -309,8 +332,9 @@ class IntakeServer:
             self._per_address.pop(host, None)
 
     def _factory(self) -> SMTP:
-        """One SMTP protocol per connection, with the size limit advertised as SIZE."""
-        smtp = _LimitedSMTP(
+        """One SMTP (or LMTP) protocol per connection, with the size limit advertised as SIZE."""
+        protocol = _LimitedLMTP if self.lmtp else _LimitedSMTP
+        smtp = protocol(
             self._admit,
             self._release,
             self.handler,
@@ -331,7 +355,8 @@ class IntakeServer:
         self._server = await loop.create_server(self._factory, host=self._host, port=self._port)
         sockname = self._server.sockets[0].getsockname()
         self._port = int(sockname[1])
-        log.info("intake: listening on %s:%d", self._host, self._port)
+        log.info("intake: listening on %s:%d%s", self._host, self._port,
+                 " (LMTP)" if self.lmtp else "")
 
     async def stop_async(self, grace: float = 10.0) -> None:
         """Stop listening, let in-flight stores answer, then drop the remaining connections."""
@@ -454,6 +479,35 @@ class _LimitedSMTP(SMTP):
         return super().eof_received()
 
 
+class _LimitedLMTP(_LimitedSMTP, LMTP):
+    """The same, over LMTP. After DATA's 354 the client waits for one reply per accepted
+    recipient (RFC 2033 4.2); the handler gives that itself, but aiosmtpd answers some
+    failures with one line of its own (552 too much mail data, 500 line too long, an
+    exception): those are repeated per recipient here so the client never hangs waiting."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._data_rcpts = 0  # accepted recipients of the DATA under way
+        self._data_open = False  # 354 sent, final reply(ies) not yet
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._data_rcpts = len(self.envelope.rcpt_tos) if self.envelope is not None else 0
+        self._data_open = False
+        await super().smtp_DATA(arg)
+        # Not reached on an exception: aiosmtpd then pushes its error reply, repeated below.
+        self._data_open = False
+
+    async def push(self, status: Any) -> None:
+        if self._data_open:
+            self._data_open = False
+            line = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+            if "\r\n" not in line:  # the handler's reply is already one line per recipient
+                status = lmtp_replies(line, self._data_rcpts)
+        elif self._data_rcpts and status[:3] in ("354", b"354"):
+            self._data_open = True
+        await super().push(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Standalone intake for tests and benchmarks: serve until SIGTERM/SIGINT."""
     p = argparse.ArgumentParser(prog="python -m broker.intake.smtp", description=main.__doc__)
@@ -464,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--hostname", default=None, help="name in the SMTP greeting")
     p.add_argument("--size-limit", type=int, default=DEFAULT_SIZE_LIMIT)
+    p.add_argument("--lmtp", action="store_true", help="speak LMTP instead of SMTP")
     p.add_argument("--store-threads", type=int, default=DEFAULT_STORE_THREADS)
     p.add_argument("--commit", choices=["batch", "each"], default="batch",
                    help="how stores are flushed (see broker.intake.spool.Spool)")
@@ -481,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         spool, address_acceptor(args.domain, lambda: slugs), store_threads=args.store_threads
     )
     server = IntakeServer(handler, args.host, args.port, hostname=args.hostname or args.domain,
-                          data_size_limit=args.size_limit)
+                          data_size_limit=args.size_limit, lmtp=args.lmtp)
 
     async def serve() -> None:
         await server.start_async()

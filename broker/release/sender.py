@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -19,7 +20,13 @@ from broker.audit.log import record_event
 from broker.db.models import Delivery, Person, Record, utcnow
 from broker.mail.compose import bounce_address
 from broker.policy.context import record_audience
-from broker.release.relay import PermanentFailure, RelayClient, TemporaryFailure
+from broker.release.relay import (
+    PermanentFailure,
+    RelayClient,
+    RelayMisconfigured,
+    RelayUnavailable,
+    TemporaryFailure,
+)
 from broker.release.settle import make_notifier, settle
 from broker.review import render
 from broker.runtime import Runtime
@@ -43,10 +50,29 @@ class Claimed:
 
 
 class OutboxSender:
-    def __init__(self, rt: Runtime, batch: int = 50) -> None:
+    """`idle_close`: seconds without anything to send after which the relay connection
+    (kept open across rounds) is closed; the next copy opens a new one."""
+
+    def __init__(self, rt: Runtime, batch: int = 50, idle_close: float = 60.0) -> None:
         self.rt = rt
         self.batch = batch
         self.notifier = make_notifier(rt)
+        self.idle_close = idle_close
+        self._relay: RelayClient | None = None
+        self._last_round = 0.0
+
+    @property
+    def relay(self) -> RelayClient:
+        """The one relay client, kept (with its connection) from round to round."""
+        if self._relay is None:
+            self._relay = RelayClient(self.rt.settings.relay,
+                                      local_hostname=self.rt.settings.domain)
+        return self._relay
+
+    def close(self) -> None:
+        """Says QUIT to the relay, if connected. The sender stays usable."""
+        if self._relay is not None:
+            self._relay.close()
 
     def claim(self) -> list[Claimed]:
         now = utcnow()
@@ -71,19 +97,41 @@ class OutboxSender:
         """Sends what is due; returns how many copies were handled."""
         claimed = self.claim()
         if not claimed:
+            if (self._relay is not None and self._relay.connected
+                    and time.monotonic() - self._last_round > self.idle_close):
+                self.close()
             return 0
         domain = self.rt.settings.domain
-        with RelayClient(self.rt.settings.relay, local_hostname=domain) as relay:
+        relay = self.relay
+        down: RelayUnavailable | None = None
+        try:
             for item in claimed:
+                if down is not None:
+                    # No session could be opened: the rest of the batch waits too,
+                    # without another attempt (a wrong password is tried once a round).
+                    self._temporary(item, str(down), keep=isinstance(down, RelayMisconfigured))
+                    continue
                 try:
                     data = self.rt.content.get(item.content_ref)
                     relay.send(bounce_address(item.id, domain), item.recipient, data)
+                except RelayUnavailable as exc:
+                    down = exc
+                    if isinstance(exc, RelayMisconfigured):
+                        log.error("relay: %s (outbound copies stay queued)", exc)
+                    else:
+                        log.warning("relay: %s", exc)
+                    self._temporary(item, str(exc), keep=isinstance(exc, RelayMisconfigured))
                 except TemporaryFailure as exc:
                     self._temporary(item, str(exc))
                 except PermanentFailure as exc:
                     self._permanent(item, str(exc))
                 else:
                     self._sent(item)
+        except BaseException:
+            relay.drop()  # a half-done exchange is never reused
+            raise
+        finally:
+            self._last_round = time.monotonic()
         return len(claimed)
 
     # -- outcomes ---------------------------------------------------------------------
@@ -120,11 +168,14 @@ class OutboxSender:
                 settle(s, self.rt, self.notifier, record)
         log.info("delivery %s sent", item.id)
 
-    def _temporary(self, item: Claimed, error: str) -> None:
+    def _temporary(self, item: Claimed, error: str, keep: bool = False) -> None:
+        """Retry later. `keep`: the relay is misconfigured (the operator's problem, not
+        the recipient's), so the copy is never given up for it."""
         schedule = self.rt.settings.retry_schedule
         delay = schedule[min(item.attempts - 1, len(schedule) - 1)]
         now = utcnow()
-        give_up = (now - item.created_at).total_seconds() >= self.rt.settings.give_up_after
+        give_up = not keep and (
+            (now - item.created_at).total_seconds() >= self.rt.settings.give_up_after)
         if give_up:
             self._permanent(item, f"gave up after {item.attempts} attempts: {error}")
             return
