@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import parseaddr
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -117,13 +117,20 @@ class Pipeline:
         for entry in entries:
             try:
                 readable.append((entry, self.rt.spool.read(entry.id)))
+            except FileNotFoundError:
+                continue  # another pipeline took it in (and removed it) meanwhile
             except SpoolCorrupt:
                 self._set_aside(entry)
         if not readable:
             return
+        # Another pipeline's message stays in the spool: its transaction may yet roll back.
+        others: set[str] = set()
         try:
             with self.rt.db.session() as s:
                 for entry, raw in readable:
+                    if not _claim(s, entry.id):
+                        others.add(entry.id)
+                        continue
                     if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)):
                         continue
                     try:
@@ -144,7 +151,8 @@ class Pipeline:
             log.warning("database unavailable; %d message(s) stay spooled", len(readable))
             raise
         for entry, _ in readable:
-            self.rt.spool.remove(entry.id)
+            if entry.id not in others:
+                self.rt.spool.remove(entry.id)
 
     def _set_aside(self, entry: SpoolEntry) -> None:
         """The bytes on disk no longer match what was acknowledged: keep them aside for
@@ -449,6 +457,27 @@ class Pipeline:
                 ),
                 subject=record.subject, record=record,
             )
+
+
+# The first key of the advisory locks that claim a spool id (PostgreSQL), so they can
+# never meet another use of advisory locks.
+SPOOL_LOCK_CLASS = 0x5B001
+
+
+def _claim(s: Session, spool_id: str) -> bool:
+    """Claim a spooled message for this transaction; False if another pipeline (another
+    `broker serve` on the same spool and database) is taking it in right now.
+
+    On PostgreSQL a transaction-level advisory lock on the spool id, taken without
+    waiting and held until commit: the owner commits its inbound row before the lock
+    goes, so whoever claims next sees the row and skips the message. A hash collision
+    only postpones a message to a later round. Not inside the message's savepoint: a
+    lock taken there would go with a rollback to it. SQLite's write lock (BEGIN
+    IMMEDIATE) already serialises pipelines there."""
+    if s.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(s.scalar(text(f"SELECT pg_try_advisory_xact_lock({SPOOL_LOCK_CLASS}, "
+                              "hashtext(:id))"), {"id": spool_id}))
 
 
 def _who_decides(authority: Authority) -> list[str]:
