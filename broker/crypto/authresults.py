@@ -129,8 +129,6 @@ def check_authentication_results(
     incoming headers claiming its authserv-id (RFC 8601 section 5). Then only the topmost
     header with a trusted authserv-id counts, wherever it stands; any further one is
     ignored (it could have come from outside)."""
-    if mailbox:
-        return _topmost_trusted(headers, from_domain, trusted_ids)
     trusted = {t.strip().lower() for t in trusted_ids if t.strip()}
     seen: list[str] = []
     above_received = True
@@ -155,6 +153,12 @@ def check_authentication_results(
         label = f"authentication-results {safe(sid)} [{_summary(header)}]"
         if sid not in trusted:
             seen.append(f"{label}: untrusted authserv-id, ignored")
+        elif mailbox:
+            # The topmost header of the provider decides, pass or not.
+            why = _passes(header, from_domain)
+            seen.append(f"{label}: the mailbox provider's, "
+                        + (why or f"no pass for {safe(from_domain)}"))
+            return ARCheck(why is not None, sid if why is not None else "", tuple(seen))
         elif not has_received:
             seen.append(f"{label}: no Received header (not relayed by the operator's MTA), "
                         "ignored")
@@ -167,33 +171,3 @@ def check_authentication_results(
             seen.append(f"{label}: trusted, no pass for {safe(from_domain)}")
     return ARCheck(False, seen=tuple(seen))
 
-
-def _topmost_trusted(headers: Sequence[tuple[str, str]], from_domain: str,
-                     trusted_ids: Iterable[str]) -> ARCheck:
-    trusted = {t.strip().lower() for t in trusted_ids if t.strip()}
-    seen: list[str] = []
-    count = 0
-    for name, value in headers:
-        if name.lower() != "authentication-results":
-            continue
-        count += 1
-        if count > MAX_HEADERS:
-            seen.append("authentication-results: further headers not read")
-            break
-        header = parse(value)
-        if header is None or not header.authserv_id:
-            seen.append("authentication-results: unparseable, ignored")
-            continue
-        sid = str(header.authserv_id).lower()
-        label = f"authentication-results {safe(sid)} [{_summary(header)}]"
-        if sid not in trusted:
-            seen.append(f"{label}: untrusted authserv-id, ignored")
-            continue
-        # The topmost trusted header decides, pass or not.
-        why = _passes(header, from_domain)
-        if why is not None:
-            seen.append(f"{label}: the mailbox provider's, {why}")
-            return ARCheck(True, sid, tuple(seen))
-        seen.append(f"{label}: the mailbox provider's, no pass for {safe(from_domain)}")
-        return ARCheck(False, seen=tuple(seen))
-    return ARCheck(False, seen=tuple(seen))

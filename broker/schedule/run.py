@@ -34,7 +34,8 @@ from broker.db.models import (
 )
 from broker.mail import compose as mc
 from broker.policy.context import record_audience
-from broker.policy.rules import Jurisdiction, Rules
+from broker.policy.evaluate import jurisdiction_of
+from broker.policy.rules import Rules
 from broker.records import states
 from broker.records.expiry import expire_due
 from broker.review import tokens
@@ -97,7 +98,7 @@ def pending(s: Session, rules: Rules, now: dt.datetime) -> list[Due]:
     for cid, birthdate, jid in s.execute(
             select(Child.id, Child.birthdate, Child.jurisdiction)
             .where(Child.birthdate.is_not(None)).order_by(Child.id)):
-        juris = jurisdiction(rules, jid)
+        juris = jurisdiction_of(rules, jid)
         if juris is not None:
             children.append(ChildInfo(cid, birthdate, juris.majority_age,
                                       juris.majority_notice_age))
@@ -105,13 +106,6 @@ def pending(s: Session, rules: Rules, now: dt.datetime) -> list[Due]:
                 consents=consents, children=children)
     sent = _sent_keys(s, [d.key for d in items])
     return [d for d in items if d.key not in sent]
-
-
-def jurisdiction(rules: Rules, jid: str | None) -> Jurisdiction | None:
-    """The child's jurisdiction (the team file's, else the rules' default); None when it
-    has no rules file (`broker rules check` and the team file report that)."""
-    name = jid or rules.default_jurisdiction
-    return rules.jurisdictions.get(name) if name else None
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:
@@ -268,7 +262,7 @@ def _consent(s: Session, rt: Runtime, notifier: Notifier, item: Due, now: dt.dat
 
 def _majority(s: Session, rt: Runtime, notifier: Notifier, item: Due, now: dt.datetime) -> None:
     child = s.get(Child, item.child_id)
-    juris = jurisdiction(rt.rules, child.jurisdiction) if child is not None else None
+    juris = jurisdiction_of(rt.rules, child.jurisdiction) if child is not None else None
     assert child is not None and juris is not None and item.date is not None
     people = _with(guardians(s, child), [_student(s, child)])
     reached = item.kind == "majority"
