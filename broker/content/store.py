@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Executable, select
 from sqlalchemy.orm import Session
 
 from broker.crypto.vault import SealError, Vault, blob_key_id, replace_file
@@ -35,6 +35,15 @@ from broker.db.models import ContentBlob
 
 # Content up to this size goes into the database when a session is given.
 INLINE_LIMIT = 1024 * 1024
+
+
+def _insert_if_absent(session: Session, ref: str, sealed: str) -> Executable:
+    """INSERT ... ON CONFLICT DO NOTHING in the session's dialect."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(ContentBlob).values(ref=ref, data=sealed).on_conflict_do_nothing()
 
 
 class ContentMissing(Exception):
@@ -69,8 +78,10 @@ class ContentStore:
         if session is not None and self.db is not None and len(data) <= self.inline_limit:
             if session.get(ContentBlob, ref) is None:
                 sealed = base64.b64encode(self.vault.seal(data)).decode("ascii")
-                session.add(ContentBlob(ref=ref, data=sealed))
-                session.flush()
+                # Another process may be storing the same bytes in its own open
+                # transaction: the one that commits second keeps the first one's row
+                # instead of failing its whole batch on the primary key.
+                session.execute(_insert_if_absent(session, ref, sealed))
             return ref
         path = self._path(ref)
         if path.exists():

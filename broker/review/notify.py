@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from broker.audit.log import record_event
+from broker.audit.log import queued_events, record_event
 from broker.content.store import ContentStore
 from broker.crypto.outbound import protect, withheld
 from broker.db.models import AuditEvent, Child, Delivery, Person, Record, utcnow
@@ -252,9 +252,13 @@ class Notifier:
             Delivery.created_at >= day))
         if (sent or 0) < self.per_day:
             return False
-        capped = s.scalars(select(AuditEvent.recipients).where(
-            AuditEvent.action == "notice_capped", AuditEvent.at >= day)).all()
-        if not any(address in json.loads(r or "[]") for r in capped):
+        capped = [address in json.loads(r or "[]") for r in s.scalars(
+            select(AuditEvent.recipients).where(
+                AuditEvent.action == "notice_capped", AuditEvent.at >= day))]
+        # ...and this transaction's own, not yet in the table.
+        capped += [address in e.recipients for e in queued_events(s)
+                   if e.action == "notice_capped" and e.at >= day]
+        if not any(capped):
             record_event(s, action="notice_capped", actor="broker", actor_role="broker",
                          child=child.slug, record_id=record.id if record else None,
                          recipients=[address],

@@ -19,7 +19,7 @@ from email.utils import parseaddr
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker.audit.log import record_event
+from broker.audit.log import queued_events, record_event
 from broker.consents.manage import revoke_consent
 from broker.content.codec import (
     document_from_bytes,
@@ -266,11 +266,16 @@ def _auth_failure_noticed_recently(s: Session, record: Record) -> bool:
     rows = s.scalars(select(AuditEvent.description).where(
         AuditEvent.record_id == record.id, AuditEvent.action == "reply_refused",
         AuditEvent.at >= since))
+    descriptions: list[dict] = []
     for text in rows:
         try:
-            desc = json.loads(text or "{}")
+            descriptions.append(json.loads(text or "{}"))
         except ValueError:
             continue
+    # ...and this transaction's own refusals, not yet in the table.
+    descriptions += [e.description for e in queued_events(s) if e.record_id == record.id
+                     and e.action == "reply_refused" and e.at >= since]
+    for desc in descriptions:
         if desc.get("reason") == "auth_failed" and desc.get("guardians_notified", True):
             return True
     return False
