@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.mail.document import Attachment, Document, Paragraph, ReleaseContent
 from broker.review import render
@@ -542,3 +544,21 @@ def test_every_text_ends_with_one_newline() -> None:
     ]
     for text in texts:
         assert text.endswith("\n") and not text.endswith("\n\n")
+
+
+@given(
+    words=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Zs", "Cc", "Zl", "Zp")),
+                           min_size=1, max_size=30), min_size=1, max_size=60),
+    marker=st.sampled_from(["", "[1] ", "[12] ", "  "]),
+    width=st.integers(min_value=1, max_value=100),
+)
+def test_fast_wrap_gives_textwraps_result(words: list[str], marker: str, width: int) -> None:
+    """hang's fast path for plain lines must wrap exactly as textwrap would."""
+    import textwrap
+
+    line = " ".join(words)
+    pad = " " * len(marker)
+    expected = textwrap.wrap(line, width=max(width, len(marker) + 1), initial_indent=marker,
+                             subsequent_indent=pad, break_long_words=False,
+                             break_on_hyphens=False)
+    assert hang.__wrapped__(line, marker, width) == "\n".join(expected)
