@@ -138,9 +138,10 @@ class Inbound(Base):
     # host:port that handed the message to the intake ([v6]:port for IPv6)
     peer: Mapped[str] = mapped_column(String(64), default="", server_default="")
     size: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # resends (migration 0008)
     raw_ref: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(16))  # record | reply | bounce | automatic | stray
+    # record | reply | bounce | automatic | stray | duplicate | failed
+    kind: Mapped[str] = mapped_column(String(16))
     outcome: Mapped[str] = mapped_column(Text, default="")
     child_id: Mapped[int | None] = mapped_column(ForeignKey("children.id"), nullable=True)
     record_id: Mapped[int | None] = mapped_column(ForeignKey("records.id"), nullable=True)

@@ -253,6 +253,19 @@ class Pipeline:
             record_event(s, action="stray_mail", actor=from_addr or "<>", actor_role="outside",
                          description={"inbound": inbound.id, "recipients": rcpts})
             return
+        first = s.scalar(select(Inbound.id).where(Inbound.sha256 == env.sha256,
+                                                  Inbound.kind == "record").limit(1))
+        if first is not None:
+            # The very same bytes again: a sending MTA that lost our 250 (a crash between
+            # the commit and the answer) sends again. A second record would ask the
+            # family twice and could release the report twice under two Message-IDs.
+            inbound = self._inbound(s, entry, raw, kind="duplicate")
+            inbound.outcome = f"the same message (identical bytes) as inbound {first}; kept"
+            record_event(s, action="duplicate_received", actor=from_addr or "<>",
+                         actor_role="outside",
+                         description={"inbound": inbound.id, "same_as": first,
+                                      "sha256": env.sha256})
+            return
         inbound = self._inbound(s, entry, raw, kind="record")
         for child in children:
             self._new_record(s, entry, inbound, child, headers, from_addr, raw=raw)
