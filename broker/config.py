@@ -193,6 +193,9 @@ class Settings:
     # give_up_after seconds have passed since the first attempt.
     retry_schedule: tuple[float, ...] = (60, 300, 1800, 7200, 21600)
     give_up_after: float = 3 * 24 * 3600
+    # Seconds a copy claimed by a sender is kept from other attempts; a sender killed
+    # mid-send leaves its copies to be sent again (same bytes) once this has passed.
+    claim_lease: float = 600.0
     # How often the timer looks for expired holds, in seconds.
     expiry_interval: float = 60.0
     # [limits]: hostile or broken input gets a clear answer, never a crash (see the template).
@@ -311,6 +314,7 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         notify_sender_on_release=_forwarded_receipts(raw.get("receipts", {}), release, source),
         retry_schedule=tuple(float(s) for s in schedule) if schedule else Settings.retry_schedule,
         give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
+        claim_lease=need(outbox, "claim_lease", float, "outbox.") or 600.0,
         expiry_interval=need(hold, "check_interval", float, "hold.") or 60.0,
         limits=limits,
         imap=_imap(raw.get("imap"), home, source),
@@ -524,6 +528,10 @@ forwarded = false
 # Seconds between delivery attempts; the last step repeats until give_up_after.
 retry_schedule = [60, 300, 1800, 7200, 21600]
 give_up_after = 259200
+# Seconds before a copy whose sending was cut short (the broker killed mid-send) is
+# sent again, with the same bytes and Message-ID. A sender hands back what it has not
+# tried after half this time, so no copy is ever in two senders' hands.
+claim_lease = 600
 
 # [imap]
 # Mailbox mode: take mail from a mailbox at an ordinary provider instead of (or besides)

@@ -1,9 +1,20 @@
 """Works the outbox: claims due copies, relays them, records what happened.
 
-A claim pushes next_attempt_at forward by a lease instead of holding a lock while
-talking to the relay, so a crash mid-send only delays the copy until the lease ends;
-it is then sent again with the same bytes and Message-ID. On PostgreSQL several
-senders claim disjoint rows with FOR UPDATE SKIP LOCKED.
+A claim pushes next_attempt_at forward by a lease ([outbox] claim_lease) instead of
+holding a lock while talking to the relay, so a crash mid-send only delays the copy
+until the lease ends; it is then sent again with the same bytes and Message-ID. On
+PostgreSQL several senders claim disjoint rows with FOR UPDATE SKIP LOCKED.
+
+Copies to one recipient leave in the order they were queued (the order of the
+decisions): a copy is not claimed while an older one to the same address waits for a
+retry or is in another sender's hands, and when a copy is deferred the younger ones
+to that address in the same round wait behind it. A relay that was down therefore
+gets each recipient's backlog in order, whatever each copy's own backoff says.
+
+What happened to a round's copies is written in one transaction at the end of the
+round (sooner when the round runs long): one commit (one fsync, one turn at SQLite's
+write lock beside a busy pipeline) instead of one per copy. A crash before that write
+only means those copies are sent again, with the same bytes and Message-ID.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
 from broker.db.models import Delivery, Person, Record, utcnow
@@ -33,11 +46,13 @@ from broker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-LEASE = dt.timedelta(minutes=10)
 # Summary fields that quote the record (subject, file names): kept in the sealed delivery
 # summary only, never copied into the audit (which can never be re-encrypted).
 SEALED_ONLY = frozenset({"subject", "attachments", "attachments_detail"})
 BROKER_ACTOR = "broker"
+# Seconds of sending after which the outcomes so far are written without waiting for
+# the end of the round (a crash then resends at most this much).
+RECORD_EVERY = 2.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,37 @@ class Claimed:
     content_ref: str
     attempts: int
     created_at: dt.datetime
+    record_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one claimed copy: sent, temporary, permanent, or deferred (not
+    tried: an older copy to the same recipient could not be sent, or the round ran
+    too long)."""
+
+    item: Claimed
+    kind: str
+    error: str = ""
+    keep: bool = False
+
+
+def pick_in_order(queued: list[tuple[int, str, dt.datetime]], now: dt.datetime,
+                  limit: int) -> list[int]:
+    """Ids of the due copies that may go now, oldest first: per recipient, only those
+    older than its oldest copy that is not due (waiting for a retry, or leased)."""
+    blocked: set[str] = set()
+    picked: list[int] = []
+    for delivery_id, recipient, next_attempt_at in sorted(queued):
+        if recipient in blocked:
+            continue
+        if next_attempt_at > now:
+            blocked.add(recipient)
+            continue
+        picked.append(delivery_id)
+        if len(picked) >= limit:
+            break
+    return picked
 
 
 class OutboxSender:
@@ -76,20 +122,39 @@ class OutboxSender:
 
     def claim(self) -> list[Claimed]:
         now = utcnow()
+        lease = dt.timedelta(seconds=self.rt.settings.claim_lease)
         with self.rt.db.session() as s:
+            # Every queued copy's address and due time (small columns): the per-recipient
+            # order is worked out from these, then the chosen rows are locked.
+            queued = [(i, r, at) for i, r, at in s.execute(
+                select(Delivery.id, Delivery.recipient, Delivery.next_attempt_at)
+                .where(Delivery.state == "queued")).all()]
+            wanted = pick_in_order(queued, now, self.batch)
+            if not wanted:
+                return []
             rows = s.scalars(
                 select(Delivery)
-                .where(Delivery.state == "queued", Delivery.next_attempt_at <= now)
+                .where(Delivery.id.in_(wanted), Delivery.state == "queued",
+                       Delivery.next_attempt_at <= now)
                 .order_by(Delivery.id)
-                .limit(self.batch)
                 .with_for_update(skip_locked=True)
             ).all()
+            # A row skipped (another sender has it, or it changed meanwhile) holds back
+            # the younger copies to its recipient, as a leased one would.
+            got = {row.id for row in rows}
+            held_from: dict[str, int] = {}
+            for delivery_id, recipient, _ in sorted(queued):
+                if delivery_id in wanted and delivery_id not in got:
+                    held_from.setdefault(recipient, delivery_id)
             claimed = []
             for row in rows:
-                row.next_attempt_at = now + LEASE
+                if row.id > held_from.get(row.recipient, row.id):
+                    continue
+                row.next_attempt_at = now + lease
                 row.attempts += 1
                 claimed.append(
-                    Claimed(row.id, row.recipient, row.content_ref, row.attempts, row.created_at)
+                    Claimed(row.id, row.recipient, row.content_ref, row.attempts, row.created_at,
+                            row.record_id)
                 )
         return claimed
 
@@ -104,12 +169,26 @@ class OutboxSender:
         domain = self.rt.settings.domain
         relay = self.relay
         down: RelayUnavailable | None = None
+        held: set[str] = set()  # recipients whose older copy could not go this round
+        outcomes: list[Outcome] = []
+        written = started = time.monotonic()
+        # Past half the lease, the rest of the round is handed back untried: a copy
+        # still in hand when its lease ends could be claimed by another sender too.
+        hand_back = self.rt.settings.claim_lease / 2
         try:
             for item in claimed:
+                if time.monotonic() - started > hand_back:
+                    outcomes.append(Outcome(item, "deferred"))
+                    continue
                 if down is not None:
                     # No session could be opened: the rest of the batch waits too,
                     # without another attempt (a wrong password is tried once a round).
-                    self._temporary(item, str(down), keep=isinstance(down, RelayMisconfigured))
+                    # The younger copies to one address wait behind the oldest anyway.
+                    outcomes.append(Outcome(item, "temporary", str(down),
+                                            keep=isinstance(down, RelayMisconfigured)))
+                    continue
+                if item.recipient in held:
+                    outcomes.append(Outcome(item, "deferred"))
                     continue
                 try:
                     data = self.rt.content.get(item.content_ref)
@@ -120,55 +199,116 @@ class OutboxSender:
                         log.error("relay: %s (outbound copies stay queued)", exc)
                     else:
                         log.warning("relay: %s", exc)
-                    self._temporary(item, str(exc), keep=isinstance(exc, RelayMisconfigured))
+                    outcomes.append(Outcome(item, "temporary", str(exc),
+                                            keep=isinstance(exc, RelayMisconfigured)))
                 except TemporaryFailure as exc:
-                    self._temporary(item, str(exc))
+                    outcomes.append(Outcome(item, "temporary", str(exc)))
+                    held.add(item.recipient)
                 except PermanentFailure as exc:
-                    self._permanent(item, str(exc))
+                    outcomes.append(Outcome(item, "permanent", str(exc)))
                 else:
-                    self._sent(item)
+                    outcomes.append(Outcome(item, "sent"))
+                if time.monotonic() - written > RECORD_EVERY:
+                    self._record(outcomes)
+                    outcomes, written = [], time.monotonic()
         except BaseException:
             relay.drop()  # a half-done exchange is never reused
             raise
         finally:
             self._last_round = time.monotonic()
+            # What did happen is written even when the round broke off.
+            self._record(outcomes)
         return len(claimed)
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        """Writes a round's outcomes in one transaction, records in id order (so two
+        senders settling records lock them in the same order); if that transaction
+        fails (a deadlock, a lost connection), each outcome is tried on its own."""
+        if not outcomes:
+            return
+        ordered = sorted(outcomes, key=lambda o: (o.item.record_id or 0, o.item.id))
+        try:
+            self._write(ordered)
+        except OperationalError:
+            if len(ordered) == 1:
+                raise
+            log.warning("outbox: writing %d outcomes at once failed; one by one",
+                        len(ordered))
+            for o in ordered:
+                self._write([o])
+        for o in outcomes:
+            if o.kind == "sent":
+                log.info("delivery %s sent", o.item.id)
+
+    def _write(self, outcomes: list[Outcome]) -> None:
+        with self.rt.db.session() as s:
+            for o in outcomes:
+                if o.kind == "sent":
+                    self._mark_sent(s, o.item)
+                elif o.kind == "temporary":
+                    self._mark_temporary(s, o.item, o.error, o.keep)
+                elif o.kind == "permanent":
+                    self._mark_permanent(s, o.item, o.error)
+                else:
+                    self._mark_deferred(s, o.item)
 
     # -- outcomes ---------------------------------------------------------------------
 
     def _sent(self, item: Claimed) -> None:
         with self.rt.db.session() as s:
-            # Locked: a revocation cancelling this copy right now is either seen here
-            # (the copy left anyway) or sees it sent.
-            row = s.get(Delivery, item.id, with_for_update=True)
-            assert row is not None
-            if row.state == "sent":
-                return
-            # Cancelled (its consent revoked) while it was already with the relay: it went
-            # out all the same, so the record says so.
-            after_revocation = row.state == "cancelled"
-            row.state = "sent"
-            row.sent_at = utcnow()
-            row.last_error = ""
-            if row.kind == "release" and row.record_id is not None:
-                record = s.get(Record, row.record_id)
-                assert record is not None
-                summary = json.loads(row.summary or "{}")
-                record_event(
-                    s, action="delivered", actor=BROKER_ACTOR, actor_role="broker",
-                    child=record.child.slug, record_id=record.id, recipients=[row.recipient],
-                    # Subject and attachment names stay in the sealed delivery summary
-                    # (the audit can never be re-encrypted); `broker audit` joins to it.
-                    description={"record": record.id, "delivery": row.id,
-                                 "message_id": row.message_id, "sha256": row.sha256,
-                                 **{k: v for k, v in summary.items()
-                                    if k not in SEALED_ONLY},
-                                 **({"after_revocation": True} if after_revocation else {})},
-                )
-                settle(s, self.rt, self.notifier, record)
+            self._mark_sent(s, item)
         log.info("delivery %s sent", item.id)
 
     def _temporary(self, item: Claimed, error: str, keep: bool = False) -> None:
+        with self.rt.db.session() as s:
+            self._mark_temporary(s, item, error, keep)
+
+    def _permanent(self, item: Claimed, error: str) -> None:
+        with self.rt.db.session() as s:
+            self._mark_permanent(s, item, error)
+
+    def _mark_sent(self, s: Session, item: Claimed) -> None:
+        # Locked: a revocation cancelling this copy right now is either seen here
+        # (the copy left anyway) or sees it sent.
+        row = s.get(Delivery, item.id, with_for_update=True)
+        assert row is not None
+        if row.state == "sent":
+            return
+        # Cancelled (its consent revoked) while it was already with the relay: it went
+        # out all the same, so the record says so.
+        after_revocation = row.state == "cancelled"
+        row.state = "sent"
+        row.sent_at = utcnow()
+        row.last_error = ""
+        if row.kind == "release" and row.record_id is not None:
+            record = s.get(Record, row.record_id)
+            assert record is not None
+            summary = json.loads(row.summary or "{}")
+            record_event(
+                s, action="delivered", actor=BROKER_ACTOR, actor_role="broker",
+                child=record.child.slug, record_id=record.id, recipients=[row.recipient],
+                # Subject and attachment names stay in the sealed delivery summary
+                # (the audit can never be re-encrypted); `broker audit` joins to it.
+                description={"record": record.id, "delivery": row.id,
+                             "message_id": row.message_id, "sha256": row.sha256,
+                             **{k: v for k, v in summary.items()
+                                if k not in SEALED_ONLY},
+                             **({"after_revocation": True} if after_revocation else {})},
+            )
+            settle(s, self.rt, self.notifier, record)
+
+    def _mark_deferred(self, s: Session, item: Claimed) -> None:
+        """Not tried (an older copy to the same recipient failed this round, or the round
+        ran long): due again at once, behind any older copy still waiting (see
+        pick_in_order), and the claim's attempt is not counted."""
+        row = s.get(Delivery, item.id)
+        assert row is not None
+        if row.state == "queued":
+            row.next_attempt_at = utcnow()
+            row.attempts = max(0, row.attempts - 1)
+
+    def _mark_temporary(self, s: Session, item: Claimed, error: str,
+                        keep: bool = False) -> None:
         """Retry later. `keep`: the relay is misconfigured (the operator's problem, not
         the recipient's), so the copy is never given up for it."""
         schedule = self.rt.settings.retry_schedule
@@ -177,44 +317,42 @@ class OutboxSender:
         give_up = not keep and (
             (now - item.created_at).total_seconds() >= self.rt.settings.give_up_after)
         if give_up:
-            self._permanent(item, f"gave up after {item.attempts} attempts: {error}")
+            self._mark_permanent(s, item, f"gave up after {item.attempts} attempts: {error}")
             return
-        with self.rt.db.session() as s:
-            row = s.get(Delivery, item.id)
-            assert row is not None
-            row.next_attempt_at = now + dt.timedelta(seconds=delay)
-            row.last_error = error[:500]
+        row = s.get(Delivery, item.id)
+        assert row is not None
+        row.next_attempt_at = now + dt.timedelta(seconds=delay)
+        row.last_error = error[:500]
         log.warning("delivery %s: temporary failure, retry in %ss", item.id, int(delay))
 
-    def _permanent(self, item: Claimed, error: str) -> None:
-        with self.rt.db.session() as s:
-            row = s.get(Delivery, item.id, with_for_update=True)
-            assert row is not None
-            if row.state == "cancelled":  # revoked meanwhile: nothing left, nothing to redo
-                row.last_error = error[:500]
-                return
-            row.state = "failed"
+    def _mark_permanent(self, s: Session, item: Claimed, error: str) -> None:
+        row = s.get(Delivery, item.id, with_for_update=True)
+        assert row is not None
+        if row.state == "cancelled":  # revoked meanwhile: nothing left, nothing to redo
             row.last_error = error[:500]
-            if row.kind == "release" and row.record_id is not None:
-                record = s.get(Record, row.record_id)
-                assert record is not None
-                record_event(
-                    s, action="delivery_failed", actor=BROKER_ACTOR, actor_role="broker",
-                    child=record.child.slug, record_id=record.id, recipients=[row.recipient],
-                    description={"record": record.id, "delivery": row.id, "error": error[:300]},
+            return
+        row.state = "failed"
+        row.last_error = error[:500]
+        if row.kind == "release" and row.record_id is not None:
+            record = s.get(Record, row.record_id)
+            assert record is not None
+            record_event(
+                s, action="delivery_failed", actor=BROKER_ACTOR, actor_role="broker",
+                child=record.child.slug, record_id=record.id, recipients=[row.recipient],
+                description={"record": record.id, "delivery": row.id, "error": error[:300]},
+            )
+            person = s.get(Person, row.person_id) if row.person_id else None
+            for g in record_audience(s, self.rt.rules, record):
+                self.notifier.notice(
+                    s, record.child, g, "release_failed",
+                    render.render_release_failed(
+                        child_name=record.child.name, record_id=record.id,
+                        subject=record.subject,
+                        recipient=render.Person(person.name if person else "",
+                                                row.recipient),
+                        reason=error[:300], failed_at=utcnow(),
+                    ),
+                    subject=record.subject, record=record,
                 )
-                person = s.get(Person, row.person_id) if row.person_id else None
-                for g in record_audience(s, self.rt.rules, record):
-                    self.notifier.notice(
-                        s, record.child, g, "release_failed",
-                        render.render_release_failed(
-                            child_name=record.child.name, record_id=record.id,
-                            subject=record.subject,
-                            recipient=render.Person(person.name if person else "",
-                                                    row.recipient),
-                            reason=error[:300], failed_at=utcnow(),
-                        ),
-                        subject=record.subject, record=record,
-                    )
-                settle(s, self.rt, self.notifier, record)
+            settle(s, self.rt, self.notifier, record)
         log.warning("delivery %s failed permanently", item.id)
