@@ -11,11 +11,13 @@ lost if a wake-up is missed.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import time
 from collections.abc import Callable
 
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from broker.config import Settings
 from broker.db.models import Child, Inbound
@@ -29,14 +31,85 @@ from broker.schedule.run import run_schedule
 log = logging.getLogger(__name__)
 
 
+# Errors that mean "the database cannot be reached or cannot write", as opposed to a bug.
+DB_DOWN_ERRORS = (OperationalError, InterfaceError)
+
+
+class DatabaseGate:
+    """Whether the SMTP intake takes new mail: not while the database is away.
+
+    The spool is durable, so a 250 during an outage would lose nothing; the intake still
+    answers 451 at RCPT, because nothing can be taken in without the database: accepting
+    would grow a backlog the broker cannot work off, without bound and unseen, while the
+    sender's MTA is built to hold the mail and retry (RFC 5321 4.5.4.1) and its queue makes
+    the outage visible on both sides. It opens again by itself once the database answers.
+
+    Two witnesses close it: the slug cache's periodic read (every intake process; it also
+    catches a read that hangs, e.g. packets dropped) and the pipeline's step (only where it
+    runs in the same process; it also catches a database that reads but cannot write, such
+    as a full disk under SQLite). A pipeline failure counts for ``hold`` seconds unless the
+    pipeline succeeds first: it retries every few seconds while mail waits, so a lasting
+    outage keeps the gate shut, and a pipeline with nothing left to retry cannot."""
+
+    def __init__(self, hold: float = 10.0, hang: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.hold = hold
+        self.hang = hang
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._read_failed = False
+        self._read_started: float | None = None  # a refresh under way since
+        self._pipeline_failed_at: float | None = None
+        self._was_open = True
+
+    def read_started(self) -> None:
+        with self._lock:
+            self._read_started = self._clock()
+
+    def read_done(self, ok: bool) -> None:
+        with self._lock:
+            self._read_started = None
+            self._read_failed = not ok
+        self._log_change()
+
+    def pipeline_failed(self) -> None:
+        with self._lock:
+            self._pipeline_failed_at = self._clock()
+        self._log_change()
+
+    def pipeline_worked(self) -> None:
+        with self._lock:
+            self._pipeline_failed_at = None
+        self._log_change()
+
+    def is_open(self) -> bool:
+        """True when new mail may be accepted. Cheap: called for every RCPT."""
+        now = self._clock()
+        started, failed_at = self._read_started, self._pipeline_failed_at
+        return not (self._read_failed
+                    or (started is not None and now - started > self.hang)
+                    or (failed_at is not None and now - failed_at < self.hold))
+
+    def _log_change(self) -> None:
+        is_open = self.is_open()
+        with self._lock:
+            changed, self._was_open = is_open != self._was_open, is_open
+        if changed and is_open:
+            log.warning("database reachable again; the intake accepts mail")
+        elif changed:
+            log.error("database unavailable; the intake answers 451 until it returns")
+
+
 class SlugCache:
     """Child slugs for the RCPT check. Called on the SMTP event loop, so it never
     touches the database there: a background thread refreshes the set every `ttl`
-    seconds (reading without a write lock), and a call returns the last known set."""
+    seconds (reading without a write lock), and a call returns the last known set.
+    Each refresh also tells `gate` whether the database answered."""
 
-    def __init__(self, rt: Runtime, ttl: float = 2.0) -> None:
+    def __init__(self, rt: Runtime, ttl: float = 2.0, gate: DatabaseGate | None = None) -> None:
         self.rt = rt
         self.ttl = ttl
+        self.gate = gate or DatabaseGate()
         self._slugs: frozenset[str] = frozenset()
         self._stop = threading.Event()
         self.refresh()
@@ -44,11 +117,16 @@ class SlugCache:
         self._thread.start()
 
     def refresh(self) -> None:
+        self.gate.read_started()
         try:
             with self.rt.db.read_session() as s:
                 self._slugs = frozenset(s.scalars(select(Child.slug)).all())
-        except OperationalError:
-            log.warning("database unavailable; using the last known children")
+        except DB_DOWN_ERRORS as exc:
+            log.warning("database unavailable (%s); using the last known children",
+                        type(exc).__name__)
+            self.gate.read_done(ok=False)
+        else:
+            self.gate.read_done(ok=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.ttl):
@@ -111,8 +189,16 @@ class Service:
         self.pipeline_wake = threading.Event()
         self.sender_wake = threading.Event()
         self.pipeline = Pipeline(self.rt)
+        self.pipeline.on_commit = self.sender_wake.set
+        if "outbox" in roles and "pipeline" in roles:
+            # The outbox waits on the relay between short bursts of work; with the
+            # pipeline busy on the CPU, each of its waits ended only when the pipeline
+            # thread gave the interpreter up (every 5 ms by default): a copy took some
+            # six of those. Switching more often costs the pipeline little.
+            sys.setswitchinterval(0.0005)
         self.sender = OutboxSender(self.rt)
-        self.slugs = SlugCache(self.rt)
+        self.gate = DatabaseGate()
+        self.slugs = SlugCache(self.rt, gate=self.gate)
         local_pipeline = "pipeline" in roles
 
         def stored(spool_id: str) -> None:
@@ -126,6 +212,7 @@ class Service:
             self.rt.spool,
             address_acceptor(settings.domain, self.slugs),
             on_stored=stored,
+            available=self.gate.is_open,
             max_recipients=settings.limits.max_recipients,
             max_headers=settings.limits.max_headers,
             max_header_length=settings.limits.max_header_length,
@@ -138,7 +225,7 @@ class Service:
             lmtp=settings.smtp_protocol == "lmtp",
         )
         workers = [
-            Worker("pipeline", self.pipeline.run_once, self.stop_event, poll,
+            Worker("pipeline", self._pipeline_step, self.stop_event, poll,
                    wake=self.pipeline_wake, after=self.sender_wake.set),
             Worker("outbox", self.sender.run_once, self.stop_event, poll,
                    wake=self.sender_wake),
@@ -156,6 +243,17 @@ class Service:
             # The fetcher waits itself (IDLE, polling, backoff): no idle pause here.
             workers.append(Worker("imap", self.imap.step, self.imap_stop, 0.0))
         self.workers = [w for w in workers if w.name in roles]
+
+    def _pipeline_step(self) -> int:
+        """One pipeline round, telling the gate whether the database took the work."""
+        try:
+            did = self.pipeline.run_once()
+        except DB_DOWN_ERRORS:
+            self.gate.pipeline_failed()
+            raise
+        if did:
+            self.gate.pipeline_worked()
+        return did
 
     def _imap_fetcher(self, settings: Settings,
                       stored: Callable[[str], None]) -> ImapFetcher:

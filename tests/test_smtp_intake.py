@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -366,17 +367,25 @@ def test_concurrent_stores(tmp_path: Path, mode: CommitMode) -> None:
 
 
 class FlakyDirSpool(Spool):
-    """A real spool whose first directory fsync fails (EIO), slowly, so others queue behind it."""
+    """A real spool whose first flush (a batch's syncfs or file fsyncs, or one store's
+    directory fsync) fails with EIO, slowly, so others queue behind it."""
 
     def __init__(self, root: Path, commit: CommitMode) -> None:
         super().__init__(root, commit=commit)
         self.fsyncs = 0
 
-    def _fsync_root(self) -> None:
+    def _fail_first(self) -> None:
         self.fsyncs += 1
         if self.fsyncs == 1:
             time.sleep(0.2)
             raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def _flush_files(self, jobs: list[Any]) -> bool:
+        self._fail_first()
+        return super()._flush_files(jobs)
+
+    def _fsync_root(self) -> None:
+        self._fail_first()
         super()._fsync_root()
 
 

@@ -13,8 +13,10 @@ import datetime as dt
 import email
 import json
 import logging
+import re
 import time
 from collections import deque
+from collections.abc import Callable
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
@@ -61,8 +63,11 @@ log = logging.getLogger(__name__)
 
 # How long the REVOKE link in the FYI copy of an automatic release keeps working.
 FYI_TOKEN_LIFETIME = dt.timedelta(days=90)
-# Spooled messages taken in per database transaction.
-BATCH = 20
+# Spooled messages taken in per database transaction: fewer commits, but on SQLite
+# every other writer (the outbox sending review requests) waits for a whole batch.
+BATCH = 5
+# The blank line that ends the header block.
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
 # How often the spool directory is listed in full when no announcement arrives.
 RESCAN_SECONDS = 2.0
 
@@ -73,6 +78,8 @@ class Pipeline:
         self._ids: deque[str] = deque()
         self._last_scan = float("-inf")  # the first round lists the spool
         self._backlog = False
+        # Called after each batch commits (the service wakes the outbox with it).
+        self.on_commit: Callable[[], None] | None = None
         self.notifier = Notifier(rt.content, rt.settings.domain,
                                  signer=broker_private_key(rt.settings.home),
                                  per_day=rt.settings.limits.notices_per_address_per_day)
@@ -153,6 +160,8 @@ class Pipeline:
         for entry, _ in readable:
             if entry.id not in others:
                 self.rt.spool.remove(entry.id)
+        if self.on_commit is not None:
+            self.on_commit()  # review requests are queued: the outbox need not wait
 
     def _set_aside(self, entry: SpoolEntry) -> None:
         """The bytes on disk no longer match what was acknowledged: keep them aside for
@@ -193,7 +202,11 @@ class Pipeline:
     def _take_in(self, s: Session, entry: SpoolEntry, raw: bytes) -> None:
         domain = self.rt.settings.domain
         env = entry.envelope
-        headers = BytesHeaderParser(policy=policy.default).parsebytes(raw)
+        # The header block only: the parser would otherwise hold the whole message as a
+        # str and a list of lines (some 7x a 25 MB record) just to skip the body.
+        end = _HEADER_END.search(raw)
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(
+            raw[:end.end()] if end else raw)
         assert isinstance(headers, EmailMessage)
         rcpts = [r.lower() for r in env.rcpt_tos]
 

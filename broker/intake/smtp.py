@@ -49,6 +49,8 @@ REPLY_NO_SUCH_RECIPIENT = "550 5.1.1 no such recipient here"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage"
 REPLY_TEMP_FAILURE = "451 4.3.0 Temporary failure, try again later"
+# At RCPT while the broker cannot process mail (its database is away): see service.DatabaseGate.
+REPLY_UNAVAILABLE = "451 4.3.0 Mail service temporarily unavailable, try again later"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections from your address"
 REPLY_TOO_MANY_HEADERS = "552 5.6.0 Too many header fields (limit {limit})"
 REPLY_HEADER_TOO_LONG = "552 5.6.0 A header field is too long (limit {limit} bytes)"
@@ -111,6 +113,7 @@ class IntakeHandler:
         accepts: Callable[[str], bool],
         on_stored: Callable[[str], None] | None = None,
         *,
+        available: Callable[[], bool] | None = None,
         store_threads: int = DEFAULT_STORE_THREADS,
         max_recipients: int = MAX_RECIPIENTS,
         max_headers: int = MAX_HEADERS,
@@ -119,6 +122,8 @@ class IntakeHandler:
         self.spool = spool
         self.accepts = accepts
         self.on_stored = on_stored
+        # Asked at each RCPT (on the event loop, so it must be cheap): False -> 451.
+        self.available = available
         self.max_recipients = max_recipients
         self.max_headers = max_headers
         self.max_header_length = max_header_length
@@ -136,7 +141,12 @@ class IntakeHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        """Refuse unknown addresses here, so senders get a bounce from their own server."""
+        """Refuse unknown addresses here, so senders get a bounce from their own server.
+
+        While the broker cannot work its mail (``available`` says no) every recipient gets
+        451: the client has sent no message yet, and its MTA keeps the mail and retries."""
+        if self.available is not None and not self.available():
+            return REPLY_UNAVAILABLE
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return REPLY_TOO_MANY_RECIPIENTS
         if not self.accepts(address):
@@ -180,7 +190,7 @@ class IntakeHandler:
                 data, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=peer, helo=helo
             )
             try:
-                fut = asyncio.wrap_future(self.spool.submit(data, envelope_), loop=loop)
+                fut = self.spool.submit_async(data, envelope_)
             except Exception as exc:  # closed spool, sealing failure
                 fut = loop.create_future()
                 fut.set_exception(exc)

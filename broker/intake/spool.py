@@ -26,6 +26,7 @@ and still catches damage after opening. The GCM tag authenticates the sealed byt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -40,7 +41,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -122,11 +123,16 @@ class Envelope:
             sha256=hashlib.sha256(data).hexdigest(),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values (built by hand: ``asdict`` deep-copies, and this
+        runs on the SMTP event loop for every message)."""
+        return {"helo": self.helo, "mail_from": self.mail_from, "peer": self.peer,
+                "rcpt_tos": list(self.rcpt_tos), "received_at": self.received_at,
+                "sha256": self.sha256, "size": self.size}
+
     def to_json(self) -> str:
         """Serialise deterministically (sorted keys) so the commit marker is easy to diff/audit."""
-        d = asdict(self)
-        d["rcpt_tos"] = list(self.rcpt_tos)
-        return json.dumps(d, sort_keys=True, ensure_ascii=False)
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Envelope:
@@ -175,14 +181,29 @@ class _Job:
     data: bytes  # the whole file: header line and (sealed) message
     future: Future[str] = field(default_factory=Future)
     error: BaseException | None = None
+    # Set by submit_async: the event loop and its future, settled once per batch and loop.
+    waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[str]] | None = None
+
+
+def _settle(jobs: list[_Job]) -> None:
+    """On the event loop: resolve the asyncio futures of one batch's jobs."""
+    for job in jobs:
+        assert job.waiter is not None
+        waiter = job.waiter[1]
+        if waiter.done():  # cancelled: the client went away
+            continue
+        if job.error is None:
+            waiter.set_result(job.spool_id)
+        else:
+            waiter.set_exception(job.error)
 
 
 def _file_bytes(envelope: Envelope, stored: bytes) -> bytes:
     """One spool file: the header line (envelope + length of what follows), then the bytes."""
-    head = json.loads(envelope.to_json())
+    head = envelope.to_dict()
     head["stored_length"] = len(stored)
     line = json.dumps(head, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return MAGIC + line + b"\n" + stored
+    return b"".join((MAGIC, line, b"\n", stored))
 
 
 def _read_header(path: Path) -> tuple[Envelope, int, int] | None:
@@ -214,8 +235,9 @@ class Spool:
     complete file and its name durable before ``store`` returns):
 
     - ``"batch"`` (default, group commit): one writer thread takes every store waiting at that
-      moment, writes their files, flushes them all at once (``syncfs``; per-file fsync where
-      syncfs cannot report errors) and fsyncs the directory once. Fastest in bench/intake.py.
+      moment, writes their files, flushes them all at once (``syncfs``, which covers the
+      directory too; where syncfs cannot report errors, per-file fsyncs and one fsync of the
+      directory). Fastest in bench/intake.py.
     - ``"each"``: the calling thread fsyncs its own file and the directory. Simplest; kept as
       the reference the batch writer is measured against.
 
@@ -334,6 +356,20 @@ class Spool:
         self._submit(job)
         return job.future
 
+    def submit_async(self, data: bytes, envelope: Envelope) -> asyncio.Future[str]:
+        """:meth:`submit` for the running event loop: an asyncio future, resolved with the
+        rest of its batch by one call into the loop. (One wake-up per message, as
+        ``asyncio.wrap_future`` does, costs the writer thread a GIL hand-over per message
+        while the loop is busy.) Call on the loop's thread."""
+        if self.commit != "batch":
+            raise RuntimeError("submit_async() needs the batch commit mode")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[str] = loop.create_future()
+        job = _Job(new_spool_id(), _file_bytes(envelope, self._seal(data)),
+                   waiter=(loop, waiter))
+        self._submit(job)
+        return waiter
+
     def close(self) -> None:
         """Stop the batch writer after it finished what is queued. Idempotent."""
         with self._writer_lock:
@@ -393,8 +429,7 @@ class Spool:
                     job.error = exc
                     self._discard(job.spool_id)
             try:
-                if written:
-                    self._flush_files(written)
+                if written and not self._flush_files(written):
                     self._fsync_root()
             except Exception as exc:
                 for job in written:
@@ -405,14 +440,23 @@ class Spool:
                 job.error = job.error or exc
             raise
         finally:
+            loops: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
             for job in batch:
-                if job.error is None:
+                if job.waiter is not None:
+                    loops.setdefault(job.waiter[0], []).append(job)
+                elif job.error is None:
                     job.future.set_result(job.spool_id)
                 else:
                     job.future.set_exception(job.error)
+            for loop, jobs in loops.items():
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, jobs)
 
-    def _flush_files(self, jobs: list[_Job]) -> None:
-        """Make the batch's files durable (before any of them is acknowledged)."""
+    def _flush_files(self, jobs: list[_Job]) -> bool:
+        """Make the batch's files durable (before any of them is acknowledged). True when
+        that covered the directory too: syncfs writes back every dirty inode of the file
+        system, the spool directory's included, and commits the journal, so a separate
+        directory fsync would only cost one more device flush per batch."""
         if _SYNCFS is not None:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -421,13 +465,14 @@ class Spool:
                     raise OSError(err, os.strerror(err))
             finally:
                 os.close(fd)
-            return
+            return True
         for job in jobs:
             fd = os.open(self._path(job.spool_id, ".eml"), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        return False
 
     def _discard(self, spool_id: str) -> None:
         """Take back an unacknowledged store."""
