@@ -123,7 +123,7 @@ def run(home: Path, *args: str) -> Result:
 
 def seqs_json(result: Result) -> list[int]:
     assert result.exit_code == 0, result.output
-    return [row["seq"] for row in json.loads(result.output)]
+    return [row["seq"] for row in json.loads(result.stdout)]
 
 
 def test_default_table_lists_each_released_copy(home: Path, log: Database) -> None:
@@ -288,3 +288,65 @@ def test_missing_home_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
     result = CliRunner().invoke(audit, ["--home", str(tmp_path / "nowhere")])
     assert result.exit_code == 1
     assert "broker.toml" in result.output
+
+
+def test_table_shows_the_latest_and_says_how_many_more(
+    home: Path, log: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Years of history would be thousands of rows: the table keeps the latest."""
+    from broker.cli import audit as audit_cli
+
+    monkeypatch.setattr(audit_cli, "TABLE_LIMIT", 2)
+    result = run(home, "--child", "sam")
+    assert result.exit_code == 0, result.output
+    assert "Late March note" in result.output and "April note" in result.output
+    assert "OT report March" not in result.output
+    assert "showing the latest 2 of 4 disclosures" in result.output
+    assert "--limit 0" in result.output
+    # All of them, and then no note.
+    result = run(home, "--child", "sam", "--limit", "0")
+    assert "OT report March" in result.output and "showing the latest" not in result.output
+    # Exactly as many as there are: nothing left out, no note.
+    assert "showing the latest" not in run(home, "--child", "alex").output
+
+
+def test_limit_keeps_the_latest_in_chain_order(home: Path, log: Database) -> None:
+    assert seqs_json(run(home, "--limit", "2", "--json")) == [6, 7]
+    assert seqs_json(run(home, "--child", "sam", "--limit", "3", "--json")) == [3, 6, 7]
+    assert seqs_json(run(home, "--all", "--limit", "3", "--json")) == [5, 6, 7]
+    assert seqs_json(run(home, "--record", "1", "--limit", "1", "--json")) == [3]
+    assert seqs_json(
+        run(home, "--until", "2025-03-31", "--limit", "2", "--json")
+    ) == [5, 6]
+    # Exports are everything by default; a limited export stays valid JSON and CSV, the
+    # note goes to stderr.
+    assert seqs_json(run(home, "--json")) == [2, 3, 5, 6, 7]
+    result = run(home, "--limit", "2", "--json")
+    assert json.loads(result.stdout) and "showing the latest 2 of 5" in result.stderr
+    result = run(home, "--all", "--limit", "1", "--csv")
+    assert len(result.stdout.splitlines()) == 2
+    assert "showing the latest 1 of 7 events" in result.stderr
+
+
+def test_limit_is_a_listing_option(home: Path, log: Database) -> None:
+    assert run(home, "--limit", "-1").exit_code == 2
+    result = run(home, "--limit", "5", "verify")
+    assert result.exit_code == 2 and "whole log" in result.output
+
+
+def test_verify_on_several_cpus(
+    home: Path, log: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`broker audit verify` splits a long log over processes; same answer."""
+    from broker.audit import log as audit_log
+
+    monkeypatch.setattr(audit_log, "PARALLEL_MIN", 4)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    result = run(home, "verify")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "audit log OK: 7 events"
+    with log.session() as s:
+        s.execute(text("UPDATE audit_events SET actor = 'x@y.example' WHERE seq = 2"))
+    result = run(home, "verify")
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("audit log BROKEN at seq 2: ")

@@ -308,7 +308,8 @@ def test_server_restart_reconnects_and_continues(dovecot: Dovecot, tmp_path: Pat
         _until(lambda: len(stored) == 2, timeout=15, what="the second message")
         assert f.connections >= 2
         assert thread.is_alive()
-        _until(lambda: dovecot.count("INBOX") == 0 and dovecot.count("Processed") == 2)
+        _until(lambda: dovecot.count("INBOX") == 0 and dovecot.count("Processed") == 2,
+               timeout=15, what="both moved to Processed")
     finally:
         f.stop_event.set()
         thread.join(10)

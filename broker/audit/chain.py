@@ -82,3 +82,52 @@ def verify(events: Iterable[tuple[Event, str]], head: tuple[int, str] | None = N
         if checked and head_hash != prev:
             return Verdict(False, checked, checked, "last hash does not match the head")
     return Verdict(True, checked)
+
+
+# -- Fast path -------------------------------------------------------------------------
+# Verifying a long log spent its time building an Event and a dict per event, parsing
+# the stored JSON columns and serialising them again. The functions below write the
+# same bytes from the column values; tests/test_audit_fast.py checks them against
+# canonical with generated events.
+
+# The encoder canonical uses, built once (json.dumps builds a new one on every call).
+encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_QUOTE = json.encoder.encode_basestring  # how that encoder writes a str (ensure_ascii off)
+
+
+def canonical_parts(
+    seq: int,
+    at: str,
+    child: str,
+    record_id: int | None,
+    actor: str,
+    actor_role: str,
+    action: str,
+    recipients_json: str,
+    description_json: str,
+    prev_hash: str,
+) -> bytes:
+    """canonical() of an event whose recipients and description are given already
+    encoded (as `encode` writes them): no Event, no dict, no re-encoding."""
+    record = "null" if record_id is None else int.__repr__(record_id)
+    return (
+        f'{{"action":{_QUOTE(action)},"actor":{_QUOTE(actor)},'
+        f'"actor_role":{_QUOTE(actor_role)},"at":{_QUOTE(at)},"child":{_QUOTE(child)},'
+        f'"description":{description_json},"prev_hash":{_QUOTE(prev_hash)},'
+        f'"recipients":{recipients_json},"record":{record},"seq":{int.__repr__(seq)}}}'
+    ).encode()
+
+
+def compact(text: str) -> str | None:
+    """`text` (JSON as json.dumps writes it, default separators) with the spaces after
+    its separators removed, or None when that is not safe without parsing: a backslash,
+    or a string that itself holds ", " or ": ". Only whitespace outside strings is
+    removed, so the result always decodes to exactly what `text` decodes to."""
+    if ", " not in text and ": " not in text:
+        return text  # e.g. a list of one address: nothing to remove
+    if "\\" in text:
+        return None
+    strings = "".join(text.split('"')[1::2])  # no backslash: every quote delimits a string
+    if ", " in strings or ": " in strings:
+        return None
+    return text.replace(", ", ",").replace(": ", ":")

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Row, Select, select
+from sqlalchemy import Row, Select, func, select
 from sqlalchemy.orm import Session
 
 from broker.db.models import AuditEvent, Child, Delivery
@@ -105,8 +105,25 @@ def _filtered(
     since: dt.date | None,
     until: dt.date | None,
     record_id: int | None,
+    newest_first: bool = False,
 ) -> Select[Any]:
-    """Adds the shared filters; `until` is inclusive, so the bound is the next midnight."""
+    """Adds the shared filters and chain order (reversed for `newest_first`)."""
+    query = _where(query, child, since, until, record_id)
+    # A record has a handful of events: by seq lets the planner take the record_id index.
+    # Otherwise time, then seq: the same as chain order (times are taken under the append
+    # lock), and it lets the (..., at) indexes hand rows back already sorted.
+    order = [AuditEvent.seq] if record_id is not None else [AuditEvent.at, AuditEvent.seq]
+    return query.order_by(*(c.desc() for c in order) if newest_first else order)
+
+
+def _where(
+    query: Select[Any],
+    child: str | None,
+    since: dt.date | None,
+    until: dt.date | None,
+    record_id: int | None,
+) -> Select[Any]:
+    """The shared filters; `until` is inclusive, so the bound is the next midnight."""
     if child is not None:
         query = query.where(AuditEvent.child == child)
     if record_id is not None:
@@ -115,12 +132,19 @@ def _filtered(
         query = query.where(AuditEvent.at >= day_start(since))
     if until is not None:
         query = query.where(AuditEvent.at < day_start(until + dt.timedelta(days=1)))
-    if record_id is not None:
-        # A record has a handful of events: let the planner take the record_id index.
-        return query.order_by(AuditEvent.seq)
-    # Time, then seq: the same as chain order (times are taken under the append lock),
-    # and it lets the (..., at) indexes hand rows back already sorted.
-    return query.order_by(AuditEvent.at, AuditEvent.seq)
+    return query
+
+
+def _latest(
+    s: Session, query: Select[Any], filters: tuple[Any, ...], limit: int | None
+) -> list[Row[Any]]:
+    """The rows of `query` + filters oldest first; with a limit, only the latest `limit`
+    of them (read newest first from the index, so a long history is never all read)."""
+    if not limit:
+        return list(s.execute(_filtered(query, *filters)))
+    rows = list(s.execute(_filtered(query, *filters, newest_first=True).limit(limit)))
+    rows.reverse()
+    return rows
 
 
 def _loads(text: str, default: Any) -> Any:
@@ -154,9 +178,12 @@ def _delivery_id(desc: Any) -> int | None:
     return None
 
 
-def _to_disclosure(row: Row[Any], summary: dict[str, Any] | None = None) -> Disclosure:
+def _to_disclosure(
+    row: Row[Any], summary: dict[str, Any] | None = None, desc: Any = None
+) -> Disclosure:
     recipients = _loads(row.recipients, [])
-    desc = _loads(row.description, {})
+    if desc is None:
+        desc = _loads(row.description, {})
     if not isinstance(desc, dict):
         desc = {}
     delivery_id = _delivery_id(desc)
@@ -204,17 +231,19 @@ def disclosures(
     since: dt.date | None = None,
     until: dt.date | None = None,
     record_id: int | None = None,
+    limit: int | None = None,
 ) -> list[Disclosure]:
-    """Every released copy ("delivered" events) matching the filters, oldest first."""
-    query = _filtered(
-        select(TABLE).where(AuditEvent.action == DELIVERED), child, since, until, record_id
-    )
-    rows = list(s.execute(query))
-    wanted = [d for row in rows if (d := _delivery_id(_loads(row.description, {}))) is not None]
+    """Every released copy ("delivered" events) matching the filters, oldest first;
+    with `limit`, only the latest that many (count_matching tells how many there are)."""
+    query = select(TABLE).where(AuditEvent.action == DELIVERED)
+    rows = _latest(s, query, (child, since, until, record_id), limit)
+    descs = [_loads(row.description, {}) for row in rows]
+    ids = [_delivery_id(desc) for desc in descs]
+    wanted = [d for d in ids if d is not None]
     summaries = _summaries(s, wanted) if wanted else {}
     return [
-        _to_disclosure(row, summaries.get(_delivery_id(_loads(row.description, {})) or -1))
-        for row in rows
+        _to_disclosure(row, summaries.get(d) if d is not None else None, desc)
+        for row, desc, d in zip(rows, descs, ids, strict=True)
     ]
 
 
@@ -224,10 +253,29 @@ def events(
     since: dt.date | None = None,
     until: dt.date | None = None,
     record_id: int | None = None,
+    limit: int | None = None,
 ) -> list[EventRow]:
-    """Every audit event matching the filters, oldest first (chain order)."""
-    query = _filtered(select(TABLE), child, since, until, record_id)
-    return [_to_event(row) for row in s.execute(query)]
+    """Every audit event matching the filters, oldest first (chain order); with `limit`,
+    only the latest that many."""
+    rows = _latest(s, select(TABLE), (child, since, until, record_id), limit)
+    return [_to_event(row) for row in rows]
+
+
+def count_matching(
+    s: Session,
+    child: str | None = None,
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+    record_id: int | None = None,
+    *,
+    disclosures_only: bool,
+) -> int:
+    """How many disclosures (or events) match, counted in the index: to say how many a
+    limited listing left out."""
+    query = select(func.count()).select_from(TABLE)
+    if disclosures_only:
+        query = query.where(AuditEvent.action == DELIVERED)
+    return s.scalar(_where(query, child, since, until, record_id)) or 0
 
 
 @dataclass(frozen=True)

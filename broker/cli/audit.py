@@ -13,17 +13,17 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-from sqlalchemy.orm import Session
 
 from broker.audit import queries
-from broker.audit.log import verify_log
 from broker.cli.context import Broker, home_option, with_broker
+
+if TYPE_CHECKING:  # rich is imported when a table is printed: --json and verify skip it
+    from rich.console import Console
+    from rich.table import Table
+    from sqlalchemy.orm import Session
 
 DISCLOSURE_FIELDS = (
     "seq", "at", "child", "record", "recipient", "recipient_name",
@@ -33,6 +33,10 @@ EVENT_FIELDS = (
     "seq", "at", "child", "record", "actor", "actor_role", "action",
     "recipients", "description",
 )  # fmt: skip
+# The table shows the latest rows only, unless --limit says otherwise: a child with years
+# of history has thousands of disclosures, and a table that long is slow to draw and
+# unreadable. JSON and CSV are exports: everything, unless --limit is given.
+TABLE_LIMIT = 50
 
 
 class DateParam(click.ParamType):
@@ -53,6 +57,8 @@ class DateParam(click.ParamType):
 
 def console() -> Console:
     """A console that does not wrap tables narrowly when output goes to a file or pipe."""
+    from rich.console import Console
+
     out = Console()
     if not out.is_terminal:
         out = Console(width=max(out.width, 200))
@@ -108,6 +114,9 @@ def write_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
 
 
 def disclosure_table(items: Sequence[queries.Disclosure]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="Disclosures", show_lines=False)
     table.add_column("date", no_wrap=True)
     table.add_column("child")
@@ -127,6 +136,9 @@ def disclosure_table(items: Sequence[queries.Disclosure]) -> Table:
 
 
 def event_table(items: Sequence[queries.EventRow]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="Audit events")
     table.add_column("seq", justify="right")
     table.add_column("time", no_wrap=True)
@@ -161,14 +173,22 @@ def show(
     show_all: bool,
     as_json: bool,
     as_csv: bool,
+    limit: int | None = None,
 ) -> None:
     """The listing itself, once the options are known to be consistent."""
+    export = as_json or as_csv
+    if limit is None:
+        limit = 0 if export else TABLE_LIMIT
+    filters = (child, since, until, record)
+    total = None
     with broker.db.read_session() as s:
         check_child(s, child)
         if show_all:
-            items: Sequence[Any] = queries.events(s, child, since, until, record)
+            items: Sequence[Any] = queries.events(s, *filters, limit=limit or None)
         else:
-            items = queries.disclosures(s, child, since, until, record)
+            items = queries.disclosures(s, *filters, limit=limit or None)
+        if limit and len(items) == limit:
+            total = queries.count_matching(s, *filters, disclosures_only=not show_all)
     fields = EVENT_FIELDS if show_all else DISCLOSURE_FIELDS
     if as_json:
         click.echo(json.dumps([i.as_dict() for i in items], indent=2, ensure_ascii=False))
@@ -178,6 +198,14 @@ def show(
         click.echo("no audit events match" if show_all else "no disclosures match")
     else:
         console().print(event_table(items) if show_all else disclosure_table(items))
+    if total is not None and total > len(items):
+        # After the table, or on stderr so an export stays valid JSON or CSV.
+        noun = "events" if show_all else "disclosures"
+        click.echo(
+            f"showing the latest {len(items)} of {total:,} {noun}: --limit 0 shows all "
+            f"(--json and --csv export all), --since/--until narrow the period",
+            err=export,
+        )
 
 
 @click.group(invoke_without_command=True)
@@ -189,6 +217,11 @@ def show(
 @click.option("--all", "show_all", is_flag=True, help="Every event, not only disclosures.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header row.")
+@click.option(
+    "--limit", type=click.IntRange(min=0),
+    help=f"Only the latest N (0: all). Default: the table shows the latest {TABLE_LIMIT}; "
+    "--json and --csv export all.",
+)
 @click.pass_context
 def audit(
     ctx: click.Context,
@@ -200,12 +233,17 @@ def audit(
     show_all: bool,
     as_json: bool,
     as_csv: bool,
+    limit: int | None,
 ) -> None:
     """Who received what and when (use --all for every event).
 
-    Dates are whole UTC days and both ends are included.
+    Dates are whole UTC days and both ends are included. The table shows the latest
+    disclosures and says how many more there are.
     """
-    listing = child or since or until or record or show_all or as_json or as_csv
+    listing = (
+        child or since or until or record or show_all or as_json or as_csv
+        or limit is not None
+    )
     if ctx.invoked_subcommand is not None:
         if listing and ctx.invoked_subcommand == "report":
             raise click.UsageError(
@@ -236,6 +274,7 @@ def audit(
         show_all=show_all,
         as_json=as_json,
         as_csv=as_csv,
+        limit=limit,
     )
 
 
@@ -243,8 +282,12 @@ def audit(
 @with_broker
 def verify(broker: Broker) -> None:
     """Walk the whole hash chain; exit 1 and name the first bad event if it was altered."""
+    from broker.audit.log import verify_log
+
+    # A long log is hashed by one process per CPU (a million events: seconds, not tens).
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with broker.db.read_session() as s:
-        verdict = verify_log(s)
+        verdict = verify_log(s, workers=cpus or 1)
     if verdict.ok:
         click.echo(f"audit log OK: {verdict.checked} events")
         return
