@@ -57,3 +57,49 @@ def test_one_bad_message_does_not_undo_the_batch(tmp_path: Path, db_url: str,
     assert rt.spool.pending() == []  # all taken in; the failed one's bytes are kept
     rt.spool.close()
     rt.close()
+
+
+def test_a_decision_is_taken_in_before_a_backlog_of_reports(tmp_path: Path,
+                                                             db_url: str) -> None:
+    """Provider reports pile up in the spool; the parent's APPROVE, which arrived after
+    all of them, is taken in with the first round, not after the whole backlog."""
+    from broker.review import tokens
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / config.CONFIG_NAME).write_text(config.render_config(
+        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
+    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
+    upgrade(db_url)
+    rt = Runtime.open(settings)
+    with rt.db.session() as s:
+        apply_team(s, parse_team(TEAM))
+
+    def spool(data: bytes, sender: str, rcpt: str) -> None:
+        rt.spool.store(data, Envelope.for_message(
+            data, mail_from=sender, rcpt_tos=(rcpt,), peer="x", helo="x"))
+
+    pipeline = Pipeline(rt)
+    spool(report(subject="the first report").as_bytes(policy=policy.SMTP),
+          "lee@clinic.example", f"sam@{DOMAIN}")
+    assert pipeline.run_once() == 1
+    with rt.db.session() as s:
+        record = s.scalar(select(Record))
+        token = tokens.issue(s, record, record.expires_at)  # as the review request has it
+    for n in range(30):
+        spool(report(subject=f"report {n}").as_bytes(policy=policy.SMTP),
+              "lee@clinic.example", f"sam@{DOMAIN}")
+    reply = report(subject="Re: review", body="APPROVE")
+    del reply["From"]
+    reply["From"] = "dana@home.example"
+    spool(reply.as_bytes(policy=policy.SMTP), "dana@home.example",
+          f"review+{token}@{DOMAIN}")
+
+    pipeline._last_scan = float("-inf")  # as after a restart: the spool is listed
+    assert pipeline.run_once(limit=10) == 10
+    with rt.db.session() as s:
+        kinds = [i.kind for i in s.scalars(select(Inbound).order_by(Inbound.id))]
+    assert kinds[1] == "reply", kinds  # first in the round, ahead of 30 reports
+    assert kinds.count("record") == 1 + 9
+    rt.spool.close()
+    rt.close()

@@ -33,7 +33,7 @@ from broker.crypto.keys import broker_private_key
 from broker.crypto.outbound import withheld
 from broker.db.models import Child, Consent, Inbound, Person, Record, utcnow
 from broker.intake.pgpin import open_record, open_reply
-from broker.intake.spool import SpoolCorrupt, SpoolEntry
+from broker.intake.spool import Envelope, SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
@@ -97,20 +97,33 @@ class Pipeline:
         start, when the announcements may have missed something (every few seconds),
         or while a backlog lasts. Listing a directory of thousands of files on every
         round would slow the intake's own file creation in it."""
-        ids: list[str] = []
-        while self._ids and len(ids) < limit:
-            ids.append(self._ids.popleft())
-        if ids:
-            entries = [e for i in ids if (e := self.rt.spool.entry(i)) is not None]
-        elif self._backlog or time.monotonic() - self._last_scan >= RESCAN_SECONDS:
-            entries = self.rt.spool.pending(limit)
+        if len(self._ids) > limit:
+            self._backlog = True
+        if self._backlog or (not self._ids
+                             and time.monotonic() - self._last_scan >= RESCAN_SECONDS):
+            # A backlog (or a look for what the announcements missed): list the spool,
+            # which holds every announced message too, and take the family's decisions
+            # and bounces before records - a parent's APPROVE must not wait behind
+            # thousands of reports (a review token exists only once its record does).
+            self._ids.clear()
+            entries = self.rt.spool.pending(limit, first=self._is_answer)
             self._last_scan = time.monotonic()
             self._backlog = len(entries) >= limit
+        elif self._ids:
+            ids = [self._ids.popleft() for _ in range(min(limit, len(self._ids)))]
+            entries = [e for i in ids if (e := self.rt.spool.entry(i)) is not None]
         else:
             return 0
         for i in range(0, len(entries), BATCH):
             self.process_batch(entries[i:i + BATCH])
         return len(entries)
+
+    def _is_answer(self, envelope: Envelope) -> bool:
+        """Mail to a review+TOKEN or bounces+ID address: a decision or a bounce."""
+        domain = self.rt.settings.domain
+        return any(mc.token_from_address(r.lower(), domain)
+                   or mc.delivery_id_from_bounce_address(r.lower(), domain)
+                   for r in envelope.rcpt_tos)
 
     def process(self, entry: SpoolEntry) -> None:
         self.process_batch([entry])

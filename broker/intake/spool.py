@@ -40,6 +40,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -498,21 +499,31 @@ class Spool:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def pending(self, limit: int | None = None) -> list[SpoolEntry]:
-        """Committed messages in arrival (id) order; incomplete leftovers are never listed."""
+    def pending(
+        self, limit: int | None = None, first: Callable[[Envelope], bool] | None = None,
+    ) -> list[SpoolEntry]:
+        """Committed messages in arrival (id) order; incomplete leftovers are never listed.
+
+        ``first``: messages whose envelope it accepts come before the others (each group
+        in arrival order); every header is read then, not just ``limit`` of them."""
         ids = sorted(
             name[:-4]
             for name in os.listdir(self.root)
             if name.endswith(".eml") and _ID_RE.match(name[:-4])
         )
         out: list[SpoolEntry] = []
+        later: list[SpoolEntry] = []
         for spool_id in ids:
             if limit is not None and len(out) >= limit:
                 break
             entry = self.entry(spool_id)
-            if entry is not None:
+            if entry is None:
+                continue
+            if first is None or first(entry.envelope):
                 out.append(entry)
-        return out
+            else:
+                later.append(entry)
+        return (out + later)[:limit]
 
     def entry(self, spool_id: str) -> SpoolEntry | None:
         """One committed message by id (None if it is gone or incomplete): lets the

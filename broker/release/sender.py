@@ -5,10 +5,11 @@ holding a lock while talking to the relay, so a crash mid-send only delays the c
 until the lease ends; it is then sent again with the same bytes and Message-ID. On
 PostgreSQL several senders claim disjoint rows with FOR UPDATE SKIP LOCKED.
 
-Copies to one recipient leave in the order they were queued (the order of the
-decisions): a copy is not claimed while an older one to the same address waits for a
-retry or is in another sender's hands, and when a copy is deferred the younger ones
-to that address in the same round wait behind it. A relay that was down therefore
+Released copies to one recipient leave in the order they were queued (the order of
+the decisions): such a copy is not claimed while an older one to the same address
+waits for a retry or is in another sender's hands, and when one is deferred the
+younger ones to that address in the same round wait behind it. Review requests and
+notices are not held back that way (each stands alone). A relay that was down therefore
 gets each recipient's backlog in order, whatever each copy's own backoff says.
 
 What happened to a round's copies is written in one transaction at the end of the
@@ -51,8 +52,9 @@ log = logging.getLogger(__name__)
 SEALED_ONLY = frozenset({"subject", "attachments", "attachments_detail"})
 BROKER_ACTOR = "broker"
 # Seconds of sending after which the outcomes so far are written without waiting for
-# the end of the round (a crash then resends at most this much).
-RECORD_EVERY = 2.0
+# the end of the round (a crash then resends at most this much). Short: a broker that
+# crashes again and again (a crash loop) must still make progress through its queue.
+RECORD_EVERY = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Claimed:
     attempts: int
     created_at: dt.datetime
     record_id: int | None = None
+    kind: str = "release"
 
 
 @dataclass(frozen=True)
@@ -77,17 +80,22 @@ class Outcome:
     keep: bool = False
 
 
-def pick_in_order(queued: list[tuple[int, str, dt.datetime]], now: dt.datetime,
+def pick_in_order(queued: list[tuple[int, str, dt.datetime, str]], now: dt.datetime,
                   limit: int) -> list[int]:
-    """Ids of the due copies that may go now, oldest first: per recipient, only those
-    older than its oldest copy that is not due (waiting for a retry, or leased)."""
+    """Ids of the due copies that may go now, oldest first. Released copies to one
+    recipient keep their order: only those older than its oldest release copy that is
+    not due (waiting for a retry, or leased) may go. Review requests and notices each
+    stand alone: one held by a crashed sender's lease must not hold up the family's
+    other review requests for the length of that lease."""
     blocked: set[str] = set()
     picked: list[int] = []
-    for delivery_id, recipient, next_attempt_at in sorted(queued):
-        if recipient in blocked:
+    for delivery_id, recipient, next_attempt_at, kind in sorted(queued):
+        ordered = kind == "release"
+        if ordered and recipient in blocked:
             continue
         if next_attempt_at > now:
-            blocked.add(recipient)
+            if ordered:
+                blocked.add(recipient)
             continue
         picked.append(delivery_id)
         if len(picked) >= limit:
@@ -126,8 +134,9 @@ class OutboxSender:
         with self.rt.db.session() as s:
             # Every queued copy's address and due time (small columns): the per-recipient
             # order is worked out from these, then the chosen rows are locked.
-            queued = [(i, r, at) for i, r, at in s.execute(
-                select(Delivery.id, Delivery.recipient, Delivery.next_attempt_at)
+            queued = [(i, r, at, k) for i, r, at, k in s.execute(
+                select(Delivery.id, Delivery.recipient, Delivery.next_attempt_at,
+                       Delivery.kind)
                 .where(Delivery.state == "queued")).all()]
             wanted = pick_in_order(queued, now, self.batch)
             if not wanted:
@@ -143,8 +152,8 @@ class OutboxSender:
             # the younger copies to its recipient, as a leased one would.
             got = {row.id for row in rows}
             held_from: dict[str, int] = {}
-            for delivery_id, recipient, _ in sorted(queued):
-                if delivery_id in wanted and delivery_id not in got:
+            for delivery_id, recipient, _, kind in sorted(queued):
+                if delivery_id in wanted and delivery_id not in got and kind == "release":
                     held_from.setdefault(recipient, delivery_id)
             claimed = []
             for row in rows:
@@ -154,7 +163,7 @@ class OutboxSender:
                 row.attempts += 1
                 claimed.append(
                     Claimed(row.id, row.recipient, row.content_ref, row.attempts, row.created_at,
-                            row.record_id)
+                            row.record_id, row.kind)
                 )
         return claimed
 
@@ -187,7 +196,7 @@ class OutboxSender:
                     outcomes.append(Outcome(item, "temporary", str(down),
                                             keep=isinstance(down, RelayMisconfigured)))
                     continue
-                if item.recipient in held:
+                if item.kind == "release" and item.recipient in held:
                     outcomes.append(Outcome(item, "deferred"))
                     continue
                 try:
@@ -203,7 +212,8 @@ class OutboxSender:
                                             keep=isinstance(exc, RelayMisconfigured)))
                 except TemporaryFailure as exc:
                     outcomes.append(Outcome(item, "temporary", str(exc)))
-                    held.add(item.recipient)
+                    if item.kind == "release":
+                        held.add(item.recipient)
                 except PermanentFailure as exc:
                     outcomes.append(Outcome(item, "permanent", str(exc)))
                 else:
