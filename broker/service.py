@@ -225,8 +225,9 @@ class Service:
             lmtp=settings.smtp_protocol == "lmtp",
         )
         workers = [
+            # The outbox is woken after each batch commits (pipeline.on_commit).
             Worker("pipeline", self._pipeline_step, self.stop_event, poll,
-                   wake=self.pipeline_wake, after=self.sender_wake.set),
+                   wake=self.pipeline_wake),
             Worker("outbox", self.sender.run_once, self.stop_event, poll,
                    wake=self.sender_wake),
             # The scheduler (broker.schedule): expires holds and sends reminders and

@@ -73,14 +73,19 @@ def verify(events: Iterable[tuple[Event, str]], head: tuple[int, str] | None = N
         prev = stored
         expected_seq += 1
         checked += 1
-    if head is not None:
-        head_seq, head_hash = head
-        if head_seq != checked:
-            return Verdict(
-                False, checked, checked + 1, f"log ends at {checked} but head says {head_seq}"
-            )
-        if checked and head_hash != prev:
-            return Verdict(False, checked, checked, "last hash does not match the head")
+    return check_head(checked, prev, head) if head is not None else Verdict(True, checked)
+
+
+def check_head(checked: int, last_hash: str, head: tuple[int, str]) -> Verdict:
+    """The verdict once `checked` events chained up to `last_hash`: the stored head
+    (seq, hash) must name that last event, or events were deleted from the end."""
+    head_seq, head_hash = head
+    if head_seq != checked:
+        return Verdict(
+            False, checked, checked + 1, f"log ends at {checked} but head says {head_seq}"
+        )
+    if checked and head_hash != last_hash:
+        return Verdict(False, checked, checked, "last hash does not match the head")
     return Verdict(True, checked)
 
 

@@ -34,6 +34,7 @@ from broker.audit.chain import (
     Event,
     Verdict,
     canonical_parts,
+    check_head,
     compact,
     event_hash,
 )
@@ -326,14 +327,7 @@ def _combine(spans: Iterable[_Span], head: tuple[int, str]) -> Verdict:
         if span.bad_seq is not None:
             return Verdict(False, checked + span.checked, span.bad_seq, span.reason)
         expected, prev, checked = span.last_seq + 1, span.last_hash, checked + span.checked
-    head_seq, head_hash = head
-    if head_seq != checked:
-        return Verdict(
-            False, checked, checked + 1, f"log ends at {checked} but head says {head_seq}"
-        )
-    if checked and head_hash != prev:
-        return Verdict(False, checked, checked, "last hash does not match the head")
-    return Verdict(True, checked)
+    return check_head(checked, prev, head)
 
 
 # Below this many events a second process costs more (its start-up) than it saves.

@@ -13,7 +13,6 @@ import datetime as dt
 import email
 import json
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from broker.crypto.keys import broker_private_key
 from broker.crypto.outbound import withheld
 from broker.db.models import Child, Consent, Inbound, Person, Record, utcnow
 from broker.intake.pgpin import open_record, open_reply
+from broker.intake.smtp import header_block
 from broker.intake.spool import Envelope, SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
@@ -66,8 +66,6 @@ FYI_TOKEN_LIFETIME = dt.timedelta(days=90)
 # Spooled messages taken in per database transaction: fewer commits, but on SQLite
 # every other writer (the outbox sending review requests) waits for a whole batch.
 BATCH = 5
-# The blank line that ends the header block.
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 # How often the spool directory is listed in full when no announcement arrives.
 RESCAN_SECONDS = 2.0
 
@@ -217,9 +215,7 @@ class Pipeline:
         env = entry.envelope
         # The header block only: the parser would otherwise hold the whole message as a
         # str and a list of lines (some 7x a 25 MB record) just to skip the body.
-        end = _HEADER_END.search(raw)
-        headers = BytesHeaderParser(policy=policy.default).parsebytes(
-            raw[:end.end()] if end else raw)
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(header_block(raw))
         assert isinstance(headers, EmailMessage)
         rcpts = [r.lower() for r in env.rcpt_tos]
 

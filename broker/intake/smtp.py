@@ -78,12 +78,18 @@ def _install_log_filter() -> None:
         logger.addFilter(_NoContentInLogs())
 
 
+def header_block(data: bytes) -> bytes:
+    """The message's header fields, without the blank line that ends them (all of
+    ``data`` when there is no body)."""
+    end = _HEADER_END_RE.search(data)
+    return data[: end.start()] if end else data
+
+
 def header_problem(data: bytes, max_headers: int, max_header_length: int) -> str | None:
     """The SMTP reply refusing ``data`` for its header block, or None if within limits.
 
     Cheap on hostile input: the regex runs in C and the loop stops at ``max_headers + 1``."""
-    end = _HEADER_END_RE.search(data)
-    block = data[: end.start()] if end else data
+    block = header_block(data)
     for count, match in enumerate(_HEADER_FIELD_RE.finditer(block), start=1):
         if count > max_headers:
             return REPLY_TOO_MANY_HEADERS.format(limit=max_headers)

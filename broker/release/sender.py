@@ -264,19 +264,6 @@ class OutboxSender:
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def _sent(self, item: Claimed) -> None:
-        with self.rt.db.session() as s:
-            self._mark_sent(s, item)
-        log.info("delivery %s sent", item.id)
-
-    def _temporary(self, item: Claimed, error: str, keep: bool = False) -> None:
-        with self.rt.db.session() as s:
-            self._mark_temporary(s, item, error, keep)
-
-    def _permanent(self, item: Claimed, error: str) -> None:
-        with self.rt.db.session() as s:
-            self._mark_permanent(s, item, error)
-
     def _mark_sent(self, s: Session, item: Claimed) -> None:
         # Locked: a revocation cancelling this copy right now is either seen here
         # (the copy left anyway) or sees it sent.
