@@ -38,7 +38,7 @@ from broker.db.models import (
 from broker.policy.consent import Party, covering, default_until
 from broker.records import states
 from broker.records.transitions import transition
-from broker.release.sender import Claimed, OutboxSender
+from broker.release.sender import Claimed, OutboxSender, Outcome
 from broker.release.settle import make_notifier, settle
 from broker.runtime import Runtime, open_vault
 from broker.team.apply import apply_team
@@ -570,7 +570,8 @@ def test_a_copy_that_left_while_being_revoked_is_recorded_as_sent(rt: Runtime) -
         assert revoke_consent(s, rt, row, actor="operator", actor_role="operator").cancelled \
             == [d]
     assert state_of(rt, Record, rid) == states.STOPPED
-    OutboxSender(rt)._sent(item)  # the relay had already taken it: the truth is recorded
+    # The relay had already taken it: the truth is recorded.
+    OutboxSender(rt)._record([Outcome(item, "sent")])
     assert state_of(rt, Delivery, d) == "sent"
     [(event, desc)] = events(rt, "delivered")
     assert event.record_id == rid and desc["after_revocation"] is True
@@ -586,7 +587,7 @@ def test_a_permanent_failure_of_a_cancelled_copy_keeps_it_cancelled(rt: Runtime)
         row = s.get(Consent, consent.id)
         assert row is not None
         revoke_consent(s, rt, row, actor="operator", actor_role="operator")
-    OutboxSender(rt)._permanent(item, "550 no such user")
+    OutboxSender(rt)._record([Outcome(item, "permanent", "550 no such user")])
     assert state_of(rt, Delivery, d) == "cancelled"
     assert events(rt, "delivery_failed") == []
 
@@ -598,13 +599,13 @@ def test_sender_still_settles_released_and_failed(rt: Runtime) -> None:
     d_bad1 = copy(rt, bad, "ortiz@school.example", None)
     d_bad2 = copy(rt, bad, "park@school.example", None)
     sender = OutboxSender(rt)
-    sender._sent(claimed(rt, d_ok))
+    sender._record([Outcome(claimed(rt, d_ok), "sent")])
     assert state_of(rt, Record, ok) == states.RELEASED
     [(event, desc)] = events(rt, "delivered")
     assert "after_revocation" not in desc and event.record_id == ok
-    sender._permanent(claimed(rt, d_bad1), "550 no such user")
+    sender._record([Outcome(claimed(rt, d_bad1), "permanent", "550 no such user")])
     assert state_of(rt, Record, bad) == states.RELEASING  # one copy still queued
-    sender._sent(claimed(rt, d_bad2))
+    sender._record([Outcome(claimed(rt, d_bad2), "sent")])
     assert state_of(rt, Record, bad) == states.RELEASE_FAILED
 
 
