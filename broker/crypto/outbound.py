@@ -14,9 +14,6 @@ crash still carries the same Message-ID.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 
 from broker.crypto import pgpmime
 from broker.crypto.keys import person_key
@@ -51,17 +48,7 @@ def protect(data: bytes, person: Person | None, signer: str | None) -> Protected
             raise EncryptionRequired(f"{person.email} {withheld(person)}")
         if signer is None:
             return Protected(data, False, False)
-        msg = _parse(data)
-        return Protected(pgpmime.sign_message(msg, signer).as_bytes(policy=policy.SMTP),
-                         False, True)
+        return Protected(pgpmime.sign_bytes(data, signer), False, True)
     assert state.key is not None
-    msg = _parse(data)
-    out = pgpmime.encrypt_message(msg, signer, [state.key], protect_subject=True)
-    return Protected(out.as_bytes(policy=policy.SMTP), True, signer is not None,
-                     state.key.fingerprint)
-
-
-def _parse(data: bytes) -> EmailMessage:
-    msg = BytesParser(policy=policy.default).parsebytes(data)
-    assert isinstance(msg, EmailMessage)
-    return msg
+    out = pgpmime.encrypt_bytes(data, signer, [state.key], protect_subject=True)
+    return Protected(out, True, signer is not None, state.key.fingerprint)

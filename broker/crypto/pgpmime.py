@@ -39,7 +39,10 @@ from email.parser import BytesParser
 from broker.crypto import pgp
 from broker.crypto.pgp import KeyLike, PGPError, Verified
 
-__all__ = ["Opened", "PGPError", "encrypt_message", "open_message", "sign_message"]
+__all__ = [
+    "Opened", "PGPError", "encrypt_bytes", "encrypt_message", "open_message", "sign_bytes",
+    "sign_message",
+]
 
 _POLICY = policy.SMTP  # CRLF line ends
 _PROTECTED = ("From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID")
@@ -50,16 +53,22 @@ def _is_content_header(name: str) -> bool:
     return n.startswith("content-") or n == "mime-version"
 
 
-def _entity(msg: EmailMessage) -> EmailMessage:
-    """The MIME entity of ``msg``: a deep copy with only its Content-* headers."""
-    inner = copy.deepcopy(msg)
-    inner.policy = _POLICY
-    for name in {k for k in inner if not _is_content_header(k)}:
-        del inner[name]
-    del inner["MIME-Version"]
-    if inner.get("Content-Type") is None:
-        inner["Content-Type"] = "text/plain; charset=us-ascii"
-    return inner
+def _split(data: bytes) -> tuple[list[tuple[str, str]], EmailMessage]:
+    """``data`` parsed once: its routing headers (raw, unparsed) and its MIME entity.
+
+    The entity is the parsed message itself with the routing headers removed: nothing else
+    holds it, so no copy is needed. Raw header values are carried over as they arrived,
+    which is both exact and cheap (parsing every header into objects, only to write it out
+    again, was most of the cost of signing).
+    """
+    msg = BytesParser(policy=_POLICY).parsebytes(data)
+    assert isinstance(msg, EmailMessage)
+    routing = [(k, v) for k, v in msg.raw_items() if not _is_content_header(k)]
+    for name in {k for k, _ in routing} | {"MIME-Version"}:
+        del msg[name]
+    if msg.get("Content-Type") is None:
+        msg["Content-Type"] = "text/plain; charset=us-ascii"
+    return routing, msg
 
 
 def _seven_bit(entity: EmailMessage) -> None:
@@ -68,11 +77,10 @@ def _seven_bit(entity: EmailMessage) -> None:
         if part.is_multipart():
             continue
         cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        if cte in ("base64", "quoted-printable"):
+            continue  # already 7-bit: decoding it only to look would cost a copy
         payload = part.get_payload(decode=True) or b""
-        needs = cte in ("8bit", "binary") or (
-            cte not in ("base64", "quoted-printable") and not payload.isascii()
-        )
-        if not needs:
+        if cte not in ("8bit", "binary") and payload.isascii():
             continue
         del part["Content-Transfer-Encoding"]
         part.set_payload(payload)
@@ -82,15 +90,12 @@ def _seven_bit(entity: EmailMessage) -> None:
             encoders.encode_base64(part)
 
 
-def _outer(msg: EmailMessage, subtype: str, params: Sequence[tuple[str, str]]) -> EmailMessage:
+def _outer(routing: Iterable[tuple[str, str]], content_type: str) -> EmailMessage:
     outer = EmailMessage(policy=_POLICY)
-    for name, value in msg.items():
-        if not _is_content_header(name):
-            outer[name] = value
+    for name, value in routing:
+        outer.set_raw(name, value)
     outer["MIME-Version"] = "1.0"
-    outer["Content-Type"] = f"multipart/{subtype}"
-    for key, value in params:
-        outer.set_param(key, value)
+    outer["Content-Type"] = content_type
     return outer
 
 
@@ -100,6 +105,64 @@ def _application(data: str, subtype: str, **kw) -> MIMEPart:
     return part
 
 
+def encrypt_bytes(
+    data: bytes,
+    signer_private: str | bytes | None,
+    recipients: KeyLike | Sequence[KeyLike],
+    *,
+    protect_subject: bool = False,
+) -> bytes:
+    """RFC 3156 multipart/encrypted of the message ``data``, signed by ``signer_private`` (if
+    given) and encrypted; returns the bytes to send (CRLF line ends)."""
+    routing, inner = _split(data)
+    if protect_subject:
+        inner.set_param("protected-headers", "v1")
+        for name in _PROTECTED:
+            for key, value in routing:
+                if key.lower() == name.lower():
+                    inner.set_raw(key, value)
+    armored = pgp.sign_and_encrypt(inner.as_bytes(policy=_POLICY), signer_private, recipients)
+
+    if protect_subject:
+        routing = [(k, "...") if k.lower() == "subject" else (k, v) for k, v in routing]
+    outer = _outer(
+        routing, 'multipart/encrypted; protocol="application/pgp-encrypted"'
+    )
+    version = _application("Version: 1\r\n", "pgp-encrypted")
+    version["Content-Description"] = "PGP/MIME version identification"
+    body = _application(armored, "octet-stream", disposition="inline", filename="encrypted.asc")
+    body["Content-Description"] = "OpenPGP encrypted message"
+    outer.set_payload([version, body])
+    return outer.as_bytes(policy=_POLICY)
+
+
+def sign_bytes(data: bytes, signer_private: str | bytes) -> bytes:
+    """RFC 3156 multipart/signed (sign only, micalg=pgp-sha256) of the message ``data``;
+    returns the bytes to send (CRLF line ends).
+
+    The message is serialised once for the signature and once inside the result; the
+    signed part is then found in the result and compared, byte for byte, with what was
+    signed, so a serialisation that is not stable fails here instead of at the reader.
+    """
+    routing, inner = _split(data)
+    _seven_bit(inner)
+    signed = inner.as_bytes(policy=_POLICY)
+    signature = pgp.sign_detached(signed, signer_private)
+
+    outer = _outer(
+        routing,
+        f'multipart/signed; micalg="{pgp.MICALG}"; protocol="application/pgp-signature"',
+    )
+    sig = _application(signature, "pgp-signature", filename="signature.asc")
+    sig.replace_header("Content-Type", 'application/pgp-signature; name="signature.asc"')
+    sig["Content-Description"] = "OpenPGP digital signature"
+    outer.set_payload([inner, sig])
+    raw = outer.as_bytes(policy=_POLICY)
+    if _signed_part_bytes(raw, outer.get_boundary()) != signed:
+        raise PGPError("multipart/signed serialization changed the signed bytes")
+    return raw
+
+
 def encrypt_message(
     msg: EmailMessage,
     signer_private: str | bytes | None,
@@ -107,53 +170,21 @@ def encrypt_message(
     *,
     protect_subject: bool = False,
 ) -> EmailMessage:
-    """RFC 3156 multipart/encrypted, signed by ``signer_private`` (if given) and encrypted."""
-    inner = _entity(msg)
-    if protect_subject:
-        inner.set_param("protected-headers", "v1")
-        for name in _PROTECTED:
-            for value in msg.get_all(name, []):
-                inner[name] = value
-    data = inner.as_bytes(policy=_POLICY)
-    armored = pgp.sign_and_encrypt(data, signer_private, recipients)
-
-    outer = _outer(msg, "encrypted", [("protocol", "application/pgp-encrypted")])
-    if protect_subject and outer["Subject"] is not None:
-        outer.replace_header("Subject", "...")
-    version = _application("Version: 1\r\n", "pgp-encrypted")
-    version["Content-Description"] = "PGP/MIME version identification"
-    body = _application(armored, "octet-stream", disposition="inline", filename="encrypted.asc")
-    body["Content-Description"] = "OpenPGP encrypted message"
-    outer.set_payload([version, body])
-    return outer
+    """:func:`encrypt_bytes` for a message object (tests and tools; the outbox uses bytes)."""
+    raw = encrypt_bytes(msg.as_bytes(policy=_POLICY), signer_private, recipients,
+                        protect_subject=protect_subject)
+    return _reparse(raw)
 
 
 def sign_message(msg: EmailMessage, signer_private: str | bytes) -> EmailMessage:
-    """RFC 3156 multipart/signed (sign only), with micalg=pgp-sha256."""
-    inner = _entity(msg)
-    _seven_bit(inner)
-    signed = inner.as_bytes(policy=_POLICY)
-    # Re-parse so that the part attached is exactly what was signed, byte for byte.
-    part = BytesParser(policy=_POLICY, _class=MIMEPart).parsebytes(signed)
-    if part.as_bytes(policy=_POLICY) != signed:
-        raise PGPError("signed part does not serialize stably")
-    signature = pgp.sign_detached(signed, signer_private)
+    """:func:`sign_bytes` for a message object (tests and tools; the outbox uses bytes)."""
+    return _reparse(sign_bytes(msg.as_bytes(policy=_POLICY), signer_private))
 
-    outer = _outer(
-        msg,
-        "signed",
-        [("micalg", pgp.MICALG), ("protocol", "application/pgp-signature")],
-    )
-    sig = _application(signature, "pgp-signature", filename="signature.asc")
-    sig.replace_header("Content-Type", "application/pgp-signature")
-    sig.set_param("name", "signature.asc")
-    sig["Content-Description"] = "OpenPGP digital signature"
-    outer.set_payload([part, sig])
-    raw = outer.as_bytes(policy=_POLICY)
-    got = _signed_part_bytes(raw, outer.get_boundary())
-    if got != signed:
-        raise PGPError("multipart/signed serialization changed the signed bytes")
-    return outer
+
+def _reparse(raw: bytes) -> EmailMessage:
+    msg = BytesParser(policy=_POLICY).parsebytes(raw)
+    assert isinstance(msg, EmailMessage)
+    return msg
 
 
 # --------------------------------------------------------------------------------------------
