@@ -187,9 +187,14 @@ class Service:
         self.rt = Runtime.open(settings)
         self.stop_event = threading.Event()
         self.pipeline_wake = threading.Event()
+        self.large_wake = threading.Event()
         self.sender_wake = threading.Event()
-        self.pipeline = Pipeline(self.rt)
-        self.pipeline.on_commit = self.sender_wake.set
+        # Two pipelines split the spool by size, each on its own thread: a 25 MB report
+        # takes seconds to take in, and the small records behind it must not wait (its
+        # slow part runs outside the transaction, see Pipeline._prepare).
+        self.pipeline = Pipeline(self.rt, sizes="small")
+        self.large_pipeline = Pipeline(self.rt, sizes="large")
+        self.pipeline.on_commit = self.large_pipeline.on_commit = self.sender_wake.set
         if "outbox" in roles and "pipeline" in roles:
             # The outbox waits on the relay between short bursts of work; with the
             # pipeline busy on the CPU, each of its waits ended only when the pipeline
@@ -203,8 +208,7 @@ class Service:
 
         def stored(spool_id: str) -> None:
             if local_pipeline:
-                self.pipeline.notify(spool_id)
-                self.pipeline_wake.set()
+                self.notify(spool_id)
             if on_stored is not None:
                 on_stored(spool_id)
 
@@ -226,8 +230,10 @@ class Service:
         )
         workers = [
             # The outbox is woken after each batch commits (pipeline.on_commit).
-            Worker("pipeline", self._pipeline_step, self.stop_event, poll,
-                   wake=self.pipeline_wake),
+            Worker("pipeline", lambda: self._pipeline_step(self.pipeline), self.stop_event,
+                   poll, wake=self.pipeline_wake),
+            Worker("pipeline-large", lambda: self._pipeline_step(self.large_pipeline),
+                   self.stop_event, poll, wake=self.large_wake),
             Worker("outbox", self.sender.run_once, self.stop_event, poll,
                    wake=self.sender_wake),
             # The scheduler (broker.schedule): expires holds and sends reminders and
@@ -243,12 +249,19 @@ class Service:
             self.imap = self._imap_fetcher(settings, stored)
             # The fetcher waits itself (IDLE, polling, backoff): no idle pause here.
             workers.append(Worker("imap", self.imap.step, self.imap_stop, 0.0))
-        self.workers = [w for w in workers if w.name in roles]
+        self.workers = [w for w in workers if w.name.removesuffix("-large") in roles]
 
-    def _pipeline_step(self) -> int:
+    def notify(self, spool_id: str) -> None:
+        """A message was stored: both pipelines look (each takes only its sizes)."""
+        for pipeline, wake in ((self.pipeline, self.pipeline_wake),
+                               (self.large_pipeline, self.large_wake)):
+            pipeline.notify(spool_id)
+            wake.set()
+
+    def _pipeline_step(self, pipeline: Pipeline) -> int:
         """One pipeline round, telling the gate whether the database took the work."""
         try:
-            did = self.pipeline.run_once()
+            did = pipeline.run_once()
         except DB_DOWN_ERRORS:
             self.gate.pipeline_failed()
             raise

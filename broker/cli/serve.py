@@ -94,8 +94,10 @@ def _read_wakeups(service: Service, stop: threading.Event) -> None:
     for line in sys.stdin.buffer:
         spool_id = line.strip().decode("ascii", "replace")
         if spool_id:
-            service.pipeline.notify(spool_id)
-        service.pipeline_wake.set()
+            service.notify(spool_id)
+        else:
+            service.pipeline_wake.set()
+            service.large_wake.set()
     stop.set()
 
 

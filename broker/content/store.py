@@ -153,7 +153,9 @@ class ContentStore:
             row = session.get(ContentBlob, ref)
             value = row.data if row is not None else None
         else:
-            with self.db.session() as s:
+            # A read: it must not queue behind this process's writers (the outbox reads
+            # every copy it sends while the pipeline commits batch after batch).
+            with self.db.read_session() as s:
                 value = s.scalar(select(ContentBlob.data).where(ContentBlob.ref == ref))
         return base64.b64decode(value) if value is not None else None
 

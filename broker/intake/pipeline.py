@@ -68,11 +68,33 @@ FYI_TOKEN_LIFETIME = dt.timedelta(days=90)
 BATCH = 5
 # How often the spool directory is listed in full when no announcement arrives.
 RESCAN_SECONDS = 2.0
+# Messages above this size are "large": the service takes them in on a thread of their
+# own (small records must not wait seconds behind one), and their slow part - storing
+# the raw bytes and parsing the whole MIME tree - runs before the database transaction,
+# so the write lock that the small ones need is held only for the database work.
+LARGE = 1024 * 1024
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a large message's transaction can use without redoing it: the reference of
+    its stored raw bytes and its parsed document (or why it could not be parsed)."""
+
+    raw_ref: str
+    doc: Document | None = None
+    error: Exception | None = None
 
 
 class Pipeline:
-    def __init__(self, rt: Runtime) -> None:
+    """``sizes``: which messages this pipeline takes (``"small"``, ``"large"`` or ``"all"``,
+    split at :data:`LARGE` bytes); two pipelines of one service split the spool this way."""
+
+    def __init__(self, rt: Runtime, sizes: str = "all") -> None:
+        if sizes not in ("all", "small", "large"):
+            raise ValueError(f"sizes must be all, small or large, not {sizes!r}")
         self.rt = rt
+        self.sizes = sizes
+        self._prepared: dict[str, Prepared] = {}
         self._ids: deque[str] = deque()
         self._last_scan = float("-inf")  # the first round lists the spool
         self._backlog = False
@@ -104,17 +126,24 @@ class Pipeline:
             # and bounces before records - a parent's APPROVE must not wait behind
             # thousands of reports (a review token exists only once its record does).
             self._ids.clear()
-            entries = self.rt.spool.pending(limit, first=self._is_answer)
+            entries = self.rt.spool.pending(limit, first=self._is_answer, keep=self.takes)
             self._last_scan = time.monotonic()
             self._backlog = len(entries) >= limit
         elif self._ids:
             ids = [self._ids.popleft() for _ in range(min(limit, len(self._ids)))]
-            entries = [e for i in ids if (e := self.rt.spool.entry(i)) is not None]
+            entries = [e for i in ids
+                       if (e := self.rt.spool.entry(i)) is not None and self.takes(e.envelope)]
         else:
             return 0
         for i in range(0, len(entries), BATCH):
             self.process_batch(entries[i:i + BATCH])
         return len(entries)
+
+    def takes(self, envelope: Envelope) -> bool:
+        """Whether this pipeline takes the message in (see ``sizes``)."""
+        if self.sizes == "all":
+            return True
+        return (envelope.size > LARGE) == (self.sizes == "large")
 
     def _is_answer(self, envelope: Envelope) -> bool:
         """Mail to a review+TOKEN or bounces+ID address: a decision or a bounce."""
@@ -141,6 +170,32 @@ class Pipeline:
                 self._set_aside(entry)
         if not readable:
             return
+        self._prepared = {entry.id: prepared for entry, raw in readable
+                          if len(raw) > LARGE and (prepared := self._prepare(entry, raw))}
+        try:
+            self._take_in_batch(readable)
+        finally:
+            self._prepared = {}
+
+    def _prepare(self, entry: SpoolEntry, raw: bytes) -> Prepared | None:
+        """The slow, database-free part of taking a large message in, done before the
+        transaction: the raw bytes stored (content-addressed, so storing them again in
+        the transaction finds them there) and, for mail to a child's address, the parsed
+        document. Parsing a message that turns out not to be a record is wasted work,
+        never wrong: only a record's path uses the document."""
+        try:
+            prepared = Prepared(raw_ref=self.rt.content.put(raw))
+        except OSError:
+            return None  # (a full disk) the transaction stores it, or fails, as before
+        if not self._is_answer(entry.envelope):
+            try:
+                with self.rt.spool.message_file(entry.id) as eml_path:
+                    prepared.doc = parse_message(eml_path, self.mime_limits)
+            except Exception as exc:  # raised again where the transaction parses
+                prepared.error = exc
+        return prepared
+
+    def _take_in_batch(self, readable: list[tuple[SpoolEntry, bytes]]) -> None:
         # Another pipeline's message stays in the spool: its transaction may yet roll back.
         others: set[str] = set()
         try:
@@ -201,7 +256,8 @@ class Pipeline:
             peer=env.peer[:64],
             size=len(raw),
             sha256=env.sha256,
-            raw_ref=self.rt.content.put(raw, s),
+            raw_ref=(prepared.raw_ref if (prepared := self._prepared.get(entry.id))
+                     else self.rt.content.put(raw, s)),
             kind=kind,
         )
         s.add(inbound)
@@ -359,9 +415,14 @@ class Pipeline:
         if opened.error:
             self._quarantine(s, record, opened.error)
             return
+        prepared = self._prepared.get(entry.id)
         try:
             if opened.message is not None:
                 doc = parse_message(opened.message, self.mime_limits)
+            elif prepared is not None and prepared.error is not None:
+                raise prepared.error
+            elif prepared is not None and prepared.doc is not None:
+                doc = prepared.doc
             else:
                 # The spool file is sealed: the parser reads an in-memory plaintext copy.
                 with self.rt.spool.message_file(entry.id) as eml_path:

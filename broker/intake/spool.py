@@ -501,11 +501,13 @@ class Spool:
 
     def pending(
         self, limit: int | None = None, first: Callable[[Envelope], bool] | None = None,
+        keep: Callable[[Envelope], bool] | None = None,
     ) -> list[SpoolEntry]:
         """Committed messages in arrival (id) order; incomplete leftovers are never listed.
 
         ``first``: messages whose envelope it accepts come before the others (each group
-        in arrival order); every header is read then, not just ``limit`` of them."""
+        in arrival order); every header is read then, not just ``limit`` of them.
+        ``keep``: only messages whose envelope it accepts are listed (and counted)."""
         ids = sorted(
             name[:-4]
             for name in os.listdir(self.root)
@@ -517,7 +519,7 @@ class Spool:
             if limit is not None and len(out) >= limit:
                 break
             entry = self.entry(spool_id)
-            if entry is None:
+            if entry is None or (keep is not None and not keep(entry.envelope)):
                 continue
             if first is None or first(entry.envelope):
                 out.append(entry)

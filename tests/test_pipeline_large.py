@@ -1,0 +1,160 @@
+"""Large mail does not hold small mail back: the service runs two pipelines split by size
+(above pipeline.LARGE bytes a message is "large"), and a large message's slow part
+(storing its bytes, parsing its MIME tree) runs before its database transaction, so
+small records are taken in - and their review requests queued - meanwhile."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from email import policy
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from broker import config
+from broker.db.migrate import upgrade
+from broker.db.models import Inbound, Record
+from broker.intake import pipeline as pipeline_mod
+from broker.intake.pipeline import LARGE, Pipeline
+from broker.intake.spool import Envelope
+from broker.records import states
+from broker.runtime import Runtime
+from broker.team.apply import apply_team
+from broker.team.spec import parse_team
+from tests.harness import DOMAIN, TEAM, report
+
+
+@pytest.fixture
+def rt(tmp_path: Path, db_url: str):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / config.CONFIG_NAME).write_text(config.render_config(
+        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
+    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
+    upgrade(db_url)
+    runtime = Runtime.open(settings)
+    with runtime.db.session() as s:
+        apply_team(s, parse_team(TEAM))
+    yield runtime
+    runtime.spool.close()
+    runtime.close()
+
+
+def spool(rt: Runtime, data: bytes) -> str:
+    return rt.spool.store(data, Envelope.for_message(
+        data, mail_from="lee@clinic.example", rcpt_tos=(f"sam@{DOMAIN}",), peer="x",
+        helo="x"))
+
+
+def large_report(subject: str, size: int) -> bytes:
+    # Random bytes: base64 of them cannot be compressed or shortcut by any layer.
+    scan = os.urandom(size)
+    return report(subject=subject, attachments=(("scan.pdf", "application/pdf", scan),)
+                  ).as_bytes(policy=policy.SMTP)
+
+
+def small_report(subject: str) -> bytes:
+    return report(subject=subject).as_bytes(policy=policy.SMTP)
+
+
+@dataclass(frozen=True)
+class Held:
+    id: int
+    state: str
+    quarantine_reason: str | None
+
+
+def records(rt: Runtime) -> dict[str, Held]:
+    """Every record by subject (subjects are sealed in the database; read through it)."""
+    with rt.db.read_session() as s:
+        return {r.subject: Held(r.id, r.state, r.quarantine_reason)
+                for r in s.scalars(select(Record))}
+
+
+def test_small_and_large_pipelines_split_the_spool(rt: Runtime) -> None:
+    """Provider sends a 2 MB scan and a short note -> the small pipeline takes only the
+    note, the large one only the scan -> both are held records, the scan's raw bytes
+    stored whole."""
+    big = large_report("scan of the assessment", LARGE + 512 * 1024)
+    spool(rt, big)
+    spool(rt, small_report("short note"))
+
+    assert Pipeline(rt, sizes="small").run_once() == 1
+    assert set(records(rt)) == {"short note"}
+    assert len(rt.spool.pending()) == 1  # the scan waits for its own pipeline
+
+    assert Pipeline(rt, sizes="large").run_once() == 1
+    held = records(rt)
+    assert set(held) == {"short note", "scan of the assessment"}
+    assert all(r.state == states.AWAITING_REVIEW for r in held.values())
+    assert rt.spool.pending() == []
+    with rt.db.read_session() as s:
+        inbound = s.scalar(select(Inbound).where(Inbound.record_id
+                                                 == held["scan of the assessment"].id))
+        assert inbound is not None
+        assert rt.content.get(inbound.raw_ref) == big
+
+
+def test_a_large_message_that_cannot_be_parsed_is_quarantined_like_any_other(
+        rt: Runtime) -> None:
+    """Parsing ran before the transaction and failed there: the record is quarantined
+    with the same reason the in-transaction parse gives, and nothing is lost."""
+    limits = rt.settings.limits
+    parts = limits.max_attachments + 1
+    msg = report(subject="too many parts", attachments=tuple(
+        (f"page{i}.pdf", "application/pdf", os.urandom(LARGE // parts + 1024))
+        for i in range(parts)))
+    data = msg.as_bytes(policy=policy.SMTP)
+    assert len(data) > LARGE
+    spool(rt, data)
+    assert Pipeline(rt, sizes="large").run_once() == 1
+    record = records(rt)["too many parts"]
+    assert record.state == states.QUARANTINED
+    assert "over a limit of this broker" in (record.quarantine_reason or "")
+
+
+def test_small_records_are_taken_in_while_a_large_one_is_parsed(rt: Runtime) -> None:
+    """A 12 MB report arrives first, then a short one -> while the large pipeline is still
+    reading the large report, the small pipeline takes the short one in and commits it
+    (its record id is the lower one) -> then the large one is held too."""
+    spool(rt, large_report("twelve megabyte report", 12 * 1024 * 1024))
+    spool(rt, small_report("short one after it"))
+
+    real = pipeline_mod.parse_message
+    parsing = threading.Event()
+
+    def parse(source, *args, **kwargs):  # the real parser; only says when it starts
+        parsing.set()
+        return real(source, *args, **kwargs)
+
+    pipeline_mod.parse_message = parse
+    try:
+        large = Pipeline(rt, sizes="large")
+        errors: list[BaseException] = []
+
+        def run_large() -> None:
+            try:
+                large.run_once()
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run_large)
+        thread.start()
+        assert parsing.wait(30), "the large pipeline never started parsing"
+        started = time.monotonic()
+        assert Pipeline(rt, sizes="small").run_once() == 1
+        small_took = time.monotonic() - started
+        thread.join(60)
+        assert not thread.is_alive() and not errors
+    finally:
+        pipeline_mod.parse_message = real
+    held = records(rt)
+    assert held["short one after it"].state == states.AWAITING_REVIEW
+    assert held["twelve megabyte report"].state == states.AWAITING_REVIEW
+    # Committed first although spooled second: it did not wait for the large one.
+    assert held["short one after it"].id < held["twelve megabyte report"].id, (
+        f"the short record waited for the large one (took {small_took:.2f} s)")
