@@ -12,8 +12,13 @@ copy. Then, --rounds times each:
 - the command as a user runs it (`broker audit --home H ...` in a new process), wall
   time including the Python start-up;
 - the same command in this process (click's runner: no interpreter or import cost);
-- the query alone (broker.audit.queries; verify_log in one process, where the command
-  splits a long log over one process per CPU).
+- the query alone, both ways: broker.audit.fastread (what the listing uses: plain
+  sqlite3 or libpq, no SQLAlchemy) and broker.audit.queries (SQLAlchemy Core, what it
+  falls back to); verify_log in one process, where the command splits a long log over
+  one process per CPU.
+
+Before timing, each listing is run once with `-X importtime` to show which path served
+it: a new process that imports SQLAlchemy did not take the fast path.
 
 The start-up floor is printed too (`python -c pass`, `broker --version`). The goal is
 `broker audit --child X` under 100 ms and `broker audit verify` under 10 s.
@@ -43,7 +48,7 @@ from sqlalchemy import Engine, Table, create_engine, insert, make_url, select, t
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker import config
-from broker.audit import queries
+from broker.audit import fastread, queries
 from broker.audit.chain import GENESIS, Event, event_hash
 from broker.audit.log import verify_log
 from broker.crypto import vault as vaults
@@ -248,12 +253,29 @@ def _broker_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "broker.cli.main"]
 
 
+# Where a new process's bytecode is cached when the environment forbids writing it
+# beside the sources (PYTHONDONTWRITEBYTECODE): without a cache every run compiles the
+# broker's modules again, which no installed broker does. Set by main().
+PYCACHE: dict[str, str] = {}
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a timed new process: as this one, bytecode cached (see PYCACHE)."""
+    out = dict(os.environ if env is None else env)
+    if out.pop("PYTHONDONTWRITEBYTECODE", None) and PYCACHE:
+        out["PYTHONPYCACHEPREFIX"] = PYCACHE["dir"]
+    return out
+
+
 def _subprocess(args: list[str], env: dict[str, str]) -> Callable[[], None]:
+    env = cli_env(env)
+
     def run() -> None:
         done = subprocess.run(args, env=env, capture_output=True)
         if done.returncode != 0:
             raise SystemExit(f"{args[1:]} failed: {done.stderr.decode(errors='replace')}")
 
+    run()  # warm-up, untimed: the bytecode cache and the OS's file cache
     return run
 
 
@@ -294,28 +316,65 @@ def measure(label: str, home: Path, url: str, child: str, rounds: int) -> list[t
 
         return run
 
+    def fast_listing(disclosures: bool, limit: int | None) -> Callable[[], None]:
+        """The same through broker.audit.fastread (a new reader each time, as a process
+        opens one)."""
+        vault = vaults.load_vault(home)
+
+        def run() -> None:
+            with fastread.open_reader(url) as reader:
+                if disclosures:
+                    fastread.disclosures(reader, vault, child, limit=limit)
+                else:
+                    fastread.events(reader, child, limit=limit)
+                if limit:
+                    fastread.count_matching(reader, child, disclosures_only=disclosures)
+
+        return run
+
     def query_verify() -> None:
         with db.read_session() as s:
             verdict = verify_log(s)  # one process
         assert verdict.ok, verdict
 
-    cases: list[tuple[str, list[str], Callable[[], None]]] = [
-        (f"audit --child {child}", ["--child", child], listing(True, TABLE_LIMIT)),
-        (f"audit --child {child} --json", ["--child", child, "--json"], listing(True, None)),
+    cases: list[tuple[str, list[str], Callable[[], None], Callable[[], None] | None]] = [
+        (f"audit --child {child}", ["--child", child], listing(True, TABLE_LIMIT),
+         fast_listing(True, TABLE_LIMIT)),
+        (f"audit --child {child} --json", ["--child", child, "--json"], listing(True, None),
+         fast_listing(True, None)),
         (f"audit --child {child} --all", ["--child", child, "--all"],
-         listing(False, TABLE_LIMIT)),
-        ("audit verify", ["verify"], query_verify),
+         listing(False, TABLE_LIMIT), fast_listing(False, TABLE_LIMIT)),
+        ("audit verify", ["verify"], query_verify, None),
     ]
-    for what, args, query in cases:
+    for what, args, query, fast_query in cases:
         r = 3 if args == ["verify"] else rounds
+        if fast_query is not None:
+            print(f"{label}: {what} as a new process: {_which_path(home, args, env)}",
+                  flush=True)
         out.append((label, what, "CLI process", _times(_subprocess([*cmd, *args], env), r)))
         with redirect_stdout(io.StringIO()):
             out.append((label, what, "in process", _times(_in_process(home, args), r)))
+        if fast_query is not None:
+            out.append((label, what, "fast query", _times(fast_query, r)))
         how = "1 process" if args == ["verify"] else "query only"
         out.append((label, what, how, _times(query, r)))
         print(f"{label}: measured {what} (load average {_load()})", flush=True)
     db.dispose()
     return out
+
+
+def _which_path(home: Path, args: list[str], env: dict[str, str]) -> str:
+    """Which read path a new `broker audit` process took, from what it imported."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "broker.cli.main", "audit", "--home",
+         str(home), *args], env=cli_env(env), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{args} failed: {done.stderr[-2000:]}")
+    heavy = sorted({line.split("|")[-1].strip().split(".")[0]
+                    for line in done.stderr.splitlines() if line.startswith("import time:")}
+                   & {"sqlalchemy", "rich", "psycopg", "alembic"})
+    return (f"SQLAlchemy path (imported {', '.join(heavy)})" if "sqlalchemy" in heavy
+            else f"fast path (heavy imports: {', '.join(heavy) or 'none'})")
 
 
 def _load() -> str:
@@ -332,8 +391,10 @@ def floor(rounds: int) -> list[tuple]:
          _times(_subprocess([sys.executable, "-c", "pass"], dict(os.environ)), rounds)),
         ("-", "broker --version", "CLI process",
          _times(_subprocess([*_broker_cmd(), "--version"], dict(os.environ)), rounds)),
-        ("-", "imports of `broker audit`", "CLI process",
-         _times(_subprocess([sys.executable, "-c", "import broker.cli.audit"],
+        ("-", "imports of `broker audit` listing", "CLI process",
+         _times(_subprocess([sys.executable, "-c", "import broker.cli.main, "
+                             "broker.cli.audit, broker.cli.context, broker.audit.fastread, "
+                             "broker.crypto.vault, sqlite3, ctypes"],
                             dict(os.environ)), rounds)),
     ]
 
@@ -398,6 +459,11 @@ def main() -> int:
     p.add_argument("--db", nargs="+", choices=["sqlite", "postgresql"],
                    default=["sqlite", "postgresql"])
     args = p.parse_args()
+    cache = tempfile.TemporaryDirectory(prefix="audit-scale-pycache-")
+    PYCACHE["dir"] = cache.name
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        print(f"PYTHONDONTWRITEBYTECODE is set: timed processes cache bytecode in "
+              f"{cache.name}", flush=True)
     results = floor(args.rounds)
     for name in args.db:
         results += run_backend(name, args.pg, args)
@@ -410,6 +476,7 @@ def main() -> int:
         cpu_text = f"{statistics.median(cpu) * 1000:>7.0f}ms" if how != "CLI process" else ""
         print(f"{db_name:<11} {what:<36} {how:<12} {statistics.median(wall) * 1000:>7.0f}ms "
               f"{max(wall) * 1000:>7.0f}ms {cpu_text:>9}")
+    cache.cleanup()
     return 0
 
 

@@ -7,7 +7,6 @@ for exporting, so their field names are a stable format.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 import os
@@ -17,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from broker.audit import queries
 from broker.cli.context import Broker, home_option, with_broker
 
 if TYPE_CHECKING:  # rich is imported when a table is printed: --json and verify skip it
     from rich.console import Console
     from rich.table import Table
     from sqlalchemy.orm import Session
+
+    from broker.audit import queries
 
 DISCLOSURE_FIELDS = (
     "seq", "at", "child", "record", "recipient", "recipient_name",
@@ -89,7 +89,13 @@ def check_child(s: Session, child: str | None) -> None:
     """A mistyped child would otherwise look like "nobody received anything"."""
     if child is None:
         return
-    known = queries.child_slugs(s)
+    from broker.audit import queries
+
+    require_child(child, queries.child_slugs(s))
+
+
+def require_child(child: str, known: Sequence[str]) -> None:
+    """The error for a child not among the `known` slugs, naming them."""
     if child not in known:
         listing = ", ".join(known) or "none yet"
         raise click.BadParameter(f"no child {child!r} (known: {listing})", param_hint="--child")
@@ -97,6 +103,8 @@ def check_child(s: Session, child: str | None) -> None:
 
 def write_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
     """CSV with a header row; lists are joined with '; ', dicts written as JSON."""
+    import csv
+
     writer = csv.DictWriter(sys.stdout, fieldnames=list(fields), lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -113,43 +121,34 @@ def write_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
         writer.writerow(flat)
 
 
-def disclosure_table(items: Sequence[queries.Disclosure]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
+Columns = tuple[tuple[str, str], ...]  # (header, "left" | "right" | "nowrap": a time)
+DISCLOSURE_COLUMNS: Columns = (
+    ("date", "nowrap"), ("child", "left"), ("record", "right"), ("recipient", "left"),
+    ("what was sent", "left"), ("released by", "left"),
+)  # fmt: skip
+EVENT_COLUMNS: Columns = (
+    ("seq", "right"), ("time", "nowrap"), ("child", "left"), ("record", "right"),
+    ("actor", "left"), ("action", "left"), ("recipients", "left"), ("description", "left"),
+)  # fmt: skip
 
-    table = Table(title="Disclosures", show_lines=False)
-    table.add_column("date", no_wrap=True)
-    table.add_column("child")
-    table.add_column("record", justify="right")
-    table.add_column("recipient")
-    table.add_column("what was sent")
-    table.add_column("released by")
+
+def disclosure_cells(items: Sequence[Any]) -> list[tuple[str, ...]]:
+    """The cells of the disclosures table (queries.Disclosure or fastread.Disclosure)."""
+    rows = []
     for d in items:
         who = f"{d.recipient_name} <{d.recipient}>" if d.recipient_name else d.recipient
         what = d.subject or "(no subject)"
         if d.attachments:
             what += "\n+ " + ", ".join(d.attachments)
         record = "" if d.record_id is None else str(d.record_id)
-        cells = (when(d.at), d.child, record, who, what, d.released_by)
-        table.add_row(*(Text(c) for c in cells))  # Text: never read user data as markup
-    return table
+        rows.append((when(d.at), d.child, record, who, what, d.released_by))
+    return rows
 
 
-def event_table(items: Sequence[queries.EventRow]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title="Audit events")
-    table.add_column("seq", justify="right")
-    table.add_column("time", no_wrap=True)
-    table.add_column("child")
-    table.add_column("record", justify="right")
-    table.add_column("actor")
-    table.add_column("action")
-    table.add_column("recipients")
-    table.add_column("description")
-    for e in items:
-        cells = (
+def event_cells(items: Sequence[Any]) -> list[tuple[str, ...]]:
+    """The cells of the events table (queries.EventRow or fastread.EventRow)."""
+    return [
+        (
             str(e.seq),
             when(e.at),
             e.child,
@@ -159,8 +158,98 @@ def event_table(items: Sequence[queries.EventRow]) -> Table:
             ", ".join(e.recipients),
             short(e.description),
         )
+        for e in items
+    ]
+
+
+def rich_table(title: str, columns: Columns, rows: Sequence[tuple[str, ...]]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    for header, how in columns:
+        if how == "nowrap":
+            table.add_column(header, no_wrap=True)
+        else:
+            table.add_column(header, justify="right" if how == "right" else "left")
+    for cells in rows:
         table.add_row(*(Text(c) for c in cells))  # Text: never read user data as markup
     return table
+
+
+def disclosure_table(items: Sequence[queries.Disclosure]) -> Table:
+    return rich_table("Disclosures", DISCLOSURE_COLUMNS, disclosure_cells(items))
+
+
+def event_table(items: Sequence[queries.EventRow]) -> Table:
+    return rich_table("Audit events", EVENT_COLUMNS, event_cells(items))
+
+
+def _width(text: str) -> int:
+    """Columns a line takes in a terminal: wide East Asian characters take two."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(ch) else
+        2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+        for ch in text
+    )
+
+
+def _printable(text: str) -> list[str]:
+    """A cell's lines, control characters (escape sequences in a subject) made visible."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    return [
+        line if line.isprintable() else "".join(
+            ch if ch.isprintable() else " " if ch == "\t" else "\ufffd" for ch in line
+        )
+        for line in lines
+    ]
+
+
+def plain_table(title: str, columns: Columns, rows: Sequence[tuple[str, ...]]) -> str:
+    """The table as plain text, for a file or a pipe (rich alone costs a new process more
+    than the whole listing): the same columns, a header rule, multi-line cells kept."""
+    cells = [[_printable(c) for c in row] for row in rows]
+    widths = [
+        max([_width(header), *(_width(line) for row in cells for line in row[i])])
+        for i, (header, _) in enumerate(columns)
+    ]
+
+    def line(parts: Sequence[str]) -> str:
+        out = []
+        for part, width, (_, how) in zip(parts, widths, columns, strict=True):
+            pad = " " * (width - _width(part))
+            out.append(pad + part if how == "right" else part + pad)
+        return "  ".join(out).rstrip()
+
+    text = [title, line([h for h, _ in columns]), line(["-" * w for w in widths])]
+    for row in cells:
+        for n in range(max(len(lines) for lines in row)):
+            text.append(line([lines[n] if n < len(lines) else "" for lines in row]))
+    return "\n".join(text)
+
+
+def print_table(show_all: bool, items: Sequence[Any]) -> None:
+    """The listing as a table: rich on a terminal, plain text into a file or pipe."""
+    if show_all:
+        title, columns, rows = "Audit events", EVENT_COLUMNS, event_cells(items)
+    else:
+        title, columns, rows = "Disclosures", DISCLOSURE_COLUMNS, disclosure_cells(items)
+    if _stdout_is_terminal():
+        console().print(rich_table(title, columns, rows))
+    else:
+        click.echo(plain_table(title, columns, rows))
+
+
+def listing_limit(limit: int | None, export: bool) -> int:
+    """How many rows to list (0: all): --limit if given, else all for an export and the
+    latest TABLE_LIMIT for the table."""
+    if limit is None:
+        return 0 if export else TABLE_LIMIT
+    return limit
 
 
 def show(
@@ -175,10 +264,10 @@ def show(
     as_csv: bool,
     limit: int | None = None,
 ) -> None:
-    """The listing itself, once the options are known to be consistent."""
-    export = as_json or as_csv
-    if limit is None:
-        limit = 0 if export else TABLE_LIMIT
+    """The listing through SQLAlchemy (broker.audit.queries): what show_fast falls back to."""
+    from broker.audit import queries
+
+    limit = listing_limit(limit, as_json or as_csv)
     filters = (child, since, until, record)
     total = None
     with broker.db.read_session() as s:
@@ -189,6 +278,53 @@ def show(
             items = queries.disclosures(s, *filters, limit=limit or None)
         if limit and len(items) == limit:
             total = queries.count_matching(s, *filters, disclosures_only=not show_all)
+    print_listing(items, total, show_all=show_all, as_json=as_json, as_csv=as_csv)
+
+
+def show_fast(
+    home: str | None,
+    *,
+    child: str | None,
+    since: dt.date | None,
+    until: dt.date | None,
+    record: int | None,
+    show_all: bool,
+    as_json: bool,
+    as_csv: bool,
+    limit: int | None = None,
+) -> bool:
+    """The listing without SQLAlchemy (broker.audit.fastread), so a new process answers
+    in tens of milliseconds. False, having printed nothing, when this database cannot be
+    read that way: then `show` answers (or fails) exactly as it always has."""
+    from broker.audit import fastread
+    from broker.cli.context import load_settings, load_vault
+
+    settings = load_settings(home)
+    vault = load_vault(settings)
+    limit = listing_limit(limit, as_json or as_csv)
+    filters = (child, since, until, record)
+    total = None
+    try:
+        with fastread.open_reader(settings.database_url) as reader:
+            if child is not None:
+                require_child(child, fastread.child_slugs(reader))
+            if show_all:
+                items: Sequence[Any] = fastread.events(reader, *filters, limit=limit or None)
+            else:
+                items = fastread.disclosures(reader, vault, *filters, limit=limit or None)
+            if limit and len(items) == limit:
+                total = fastread.count_matching(reader, *filters, disclosures_only=not show_all)
+    except fastread.Unavailable:
+        return False
+    print_listing(items, total, show_all=show_all, as_json=as_json, as_csv=as_csv)
+    return True
+
+
+def print_listing(
+    items: Sequence[Any], total: int | None, *, show_all: bool, as_json: bool, as_csv: bool
+) -> None:
+    """Disclosures or events as JSON, CSV or a table, and how many a limit left out."""
+    export = as_json or as_csv
     fields = EVENT_FIELDS if show_all else DISCLOSURE_FIELDS
     if as_json:
         click.echo(json.dumps([i.as_dict() for i in items], indent=2, ensure_ascii=False))
@@ -197,7 +333,7 @@ def show(
     elif not items:
         click.echo("no audit events match" if show_all else "no disclosures match")
     else:
-        console().print(event_table(items) if show_all else disclosure_table(items))
+        print_table(show_all, items)
     if total is not None and total > len(items):
         # After the table, or on stderr so an export stays valid JSON or CSV.
         noun = "events" if show_all else "disclosures"
@@ -265,17 +401,12 @@ def audit(
         raise click.BadParameter(
             f"--since {since} is after --until {until}", param_hint="--since/--until"
         )
-    with_broker(show)(
-        home=home,
-        child=child,
-        since=since,
-        until=until,
-        record=record,
-        show_all=show_all,
-        as_json=as_json,
-        as_csv=as_csv,
-        limit=limit,
-    )
+    options: dict[str, Any] = {
+        "child": child, "since": since, "until": until, "record": record,
+        "show_all": show_all, "as_json": as_json, "as_csv": as_csv, "limit": limit,
+    }
+    if not show_fast(home, **options):
+        with_broker(show)(home=home, **options)
 
 
 @audit.command("verify")

@@ -1,17 +1,25 @@
-"""What every command needs: the home, its settings, the database, the content store."""
+"""What every command needs: the home, its settings, the database, the content store.
+
+The database and content store (SQLAlchemy) are imported only when a command opens
+them: `broker audit`'s listing reads the database without SQLAlchemy (audit.fastread)
+and needs only the settings and the content key, which load_settings and load_vault give.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from broker import config
-from broker.content.store import ContentStore
-from broker.db.engine import Database
+
+if TYPE_CHECKING:
+    from broker.content.store import ContentStore
+    from broker.crypto.vault import Vault
+    from broker.db.engine import Database
 
 
 @dataclass
@@ -21,11 +29,30 @@ class Broker:
     content: ContentStore
 
 
-def open_broker(home: str | None) -> Broker:
+def load_settings(home: str | None) -> config.Settings:
+    """The home's settings; a missing or wrong broker.toml is a clear error."""
     try:
-        settings = config.load(config.resolve_home(home))
+        return config.load(config.resolve_home(home))
     except config.ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def load_vault(settings: config.Settings) -> Vault:
+    """The home's content keyring, exactly as broker.runtime.open_vault opens it (a fresh
+    home gets a key file; registered for its database), without importing the runtime's
+    SQLAlchemy modules. A keyring that cannot be read is a clear error."""
+    from broker.crypto import vault as vaults
+
+    try:
+        vault = vaults.load_vault(settings.home, create_if_fresh=True)
+    except vaults.VaultError as exc:
+        raise click.ClickException(str(exc)) from exc
+    vaults.register(settings.database_url, vault)
+    return vault
+
+
+def open_broker(home: str | None) -> Broker:
+    settings = load_settings(home)
     from broker.crypto.vault import VaultError
     from broker.runtime import open_vault
 
@@ -33,6 +60,9 @@ def open_broker(home: str | None) -> Broker:
         vault = open_vault(settings)
     except VaultError as exc:
         raise click.ClickException(str(exc)) from exc
+    from broker.content.store import ContentStore
+    from broker.db.engine import Database
+
     db = Database(settings.database_url)
     return Broker(settings, db, ContentStore(settings.content_dir, vault, db))
 
