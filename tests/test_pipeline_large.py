@@ -125,10 +125,16 @@ def test_small_records_are_taken_in_while_a_large_one_is_parsed(rt: Runtime) -> 
     spool(rt, small_report("short one after it"))
 
     real = pipeline_mod.parse_message
-    parsing = threading.Event()
+    parsing, small_done = threading.Event(), threading.Event()
+    large_thread: list[threading.Thread] = []
 
-    def parse(source, *args, **kwargs):  # the real parser; only says when it starts
-        parsing.set()
+    def parse(source, *args, **kwargs):
+        # The real parser. On the large pipeline's thread it first says it started and
+        # then stays "busy parsing" until the small pipeline is done (at most 10 s): if
+        # the parse held the database, the small one could not finish meanwhile.
+        if large_thread and threading.current_thread() is large_thread[0]:
+            parsing.set()
+            small_done.wait(10)
         return real(source, *args, **kwargs)
 
     pipeline_mod.parse_message = parse
@@ -143,14 +149,17 @@ def test_small_records_are_taken_in_while_a_large_one_is_parsed(rt: Runtime) -> 
                 errors.append(exc)
 
         thread = threading.Thread(target=run_large)
+        large_thread.append(thread)
         thread.start()
         assert parsing.wait(30), "the large pipeline never started parsing"
         started = time.monotonic()
         assert Pipeline(rt, sizes="small").run_once() == 1
         small_took = time.monotonic() - started
+        small_done.set()
         thread.join(60)
         assert not thread.is_alive() and not errors
     finally:
+        small_done.set()
         pipeline_mod.parse_message = real
     held = records(rt)
     assert held["short one after it"].state == states.AWAITING_REVIEW

@@ -53,7 +53,8 @@ RAW = (
 class FailingSpool(Spool):
     """A real spool whose write hits a full disk after part of the file is on disk."""
 
-    def _write_file(self, path: Path, blob: bytes, *, sync: bool = True) -> None:
+    def _write_file(self, path: Path, chunks: tuple[bytes, ...], *, sync: bool = True) -> None:
+        blob = b"".join(chunks)
         path.write_bytes(blob[: len(blob) // 2])  # the half a full disk would leave
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
