@@ -421,6 +421,10 @@ class Spool:
                 log.exception("spool: batch writer error")
             if stop:
                 return
+            # Not held while waiting for the next store: a 25 MB message's sealed
+            # bytes would otherwise stay in memory until more mail arrives.
+            first = job = None  # type: ignore[assignment]
+            batch.clear()
 
     def _commit_batch(self, batch: list[_Job]) -> None:
         """Write, flush files, flush the directory; every job's future ends resolved."""
