@@ -24,10 +24,7 @@ import hashlib
 import os
 import random
 import re
-import signal
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -59,6 +56,7 @@ from tests.harness import (
     reply_to,
 )
 from tests.harness import report as make_report
+from tests.serve_process import ServeProcess
 
 SEED = 20260307
 N = 2000
@@ -70,51 +68,6 @@ APPROVE_SHARE, DENY_SHARE = 0.1, 0.05
 
 SUBJECT = re.compile(r"OT report no\. (\d+)\b")
 RECORD_TAG = re.compile(r"#(\d+)\]")
-
-
-class Broker:
-    """`broker serve` in a session of its own, so SIGKILL takes the intake and its worker
-    process down together, as a power cut or the OOM killer would."""
-
-    def __init__(self, home: Path, db_url: str) -> None:
-        self.home = home
-        self.env = {**os.environ, "BROKER_HOME": str(home), "BROKER_DATABASE_URL": db_url}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.logs: list[Path] = []
-
-    def start(self, *roles: str, timeout: float = 30.0) -> None:
-        self.starts += 1
-        path = self.home.parent / f"serve-{self.starts}.log"
-        self.logs.append(path)
-        args = [sys.executable, "-m", "broker.cli.main", "serve", "--log-level", "WARNING"]
-        for role in roles:
-            args += ["--role", role]
-        with path.open("wb") as out:
-            self.proc = subprocess.Popen(args, env=self.env, stderr=out,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while "broker serving" not in path.read_text(errors="replace"):
-            assert self.proc.poll() is None, path.read_text(errors="replace")
-            assert time.monotonic() < deadline, path.read_text(errors="replace")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def log_text(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs)
 
 
 @dataclass
@@ -161,7 +114,7 @@ def _decisions() -> dict[int, str]:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, db_url: str) -> Iterator[tuple[Broker, Sink, int, Database]]:
+def rig(tmp_path: Path, db_url: str) -> Iterator[tuple[ServeProcess, Sink, int, Database]]:
     if db_url.startswith("postgresql") and not os.environ.get("BROKER_TEST_CRASH_PG"):
         pytest.skip("PostgreSQL makes this long test some 40% longer; "
                     "BROKER_TEST_CRASH_PG=1 runs it")
@@ -185,7 +138,7 @@ def rig(tmp_path: Path, db_url: str) -> Iterator[tuple[Broker, Sink, int, Databa
     db = Database(db_url)
     with db.session() as s:
         apply_team(s, parse_team(TEAM))
-    broker = Broker(home, db_url)
+    broker = ServeProcess(home, db_url)
     try:
         yield broker, sink, port, db
     finally:

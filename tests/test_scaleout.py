@@ -9,10 +9,7 @@ one SQLite database are not a deployment this broker supports.
 
 from __future__ import annotations
 
-import os
 import smtplib
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -34,46 +31,15 @@ from broker.team.spec import parse_team
 from tests.conftest import reset_postgres
 from tests.harness import DOMAIN, GUARDIAN, SCHOOL, TEAM, Received, Sink, free_port, reply_to
 from tests.harness import report as make_report
+from tests.serve_process import ServeProcess
 
 N = 200
 WORKER_ROLES = ("pipeline", "outbox", "expiry")
 
 
-class Proc:
-    """One `broker serve` process; its log goes to a file (a pipe nobody reads would
-    fill and stall it)."""
-
-    def __init__(self, home: Path, db_url: str, name: str, roles: tuple[str, ...]) -> None:
-        self.log = home.parent / f"{name}.log"
-        env = {**os.environ, "BROKER_HOME": str(home), "BROKER_DATABASE_URL": db_url}
-        args = [sys.executable, "-m", "broker.cli.main", "serve", "--log-level", "WARNING",
-                *[x for r in roles for x in ("--role", r)]]
-        self.out = self.log.open("wb")
-        self.proc = subprocess.Popen(args, env=env, stderr=self.out)
-
-    def wait_started(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while "broker serving" not in self.text():
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < deadline, self.text()
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.out.close()
-
-
 @pytest.fixture
-def cluster(tmp_path: Path, pg_url: str) -> Iterator[tuple[list[Proc], Sink, int, Database]]:
+def cluster(tmp_path: Path,
+            pg_url: str) -> Iterator[tuple[list[ServeProcess], Sink, int, Database]]:
     reset_postgres(pg_url)
     home = tmp_path / "home"
     home.mkdir()
@@ -90,12 +56,10 @@ def cluster(tmp_path: Path, pg_url: str) -> Iterator[tuple[list[Proc], Sink, int
     db = Database(pg_url)
     with db.session() as s:
         apply_team(s, parse_team(TEAM))
-    procs = [Proc(home, pg_url, "intake", ("intake",)),
-             Proc(home, pg_url, "worker1", WORKER_ROLES),
-             Proc(home, pg_url, "worker2", WORKER_ROLES)]
+    procs = [ServeProcess(home, pg_url, name) for name in ("intake", "worker1", "worker2")]
     try:
-        for p in procs:
-            p.wait_started()
+        for p, roles in zip(procs, (("intake",), WORKER_ROLES, WORKER_ROLES), strict=True):
+            p.start(*roles)
         yield procs, sink, port, db
     finally:
         for p in procs:
@@ -156,7 +120,7 @@ def test_two_workers_share_the_work_without_doing_anything_twice(cluster) -> Non
     elapsed = time.monotonic() - started
     print(f"\n{N} records in {intake_done - started:.1f}s; all released after {elapsed:.1f}s")
 
-    logs = "\n".join(f"--- {p.log.name}\n{p.text()}" for p in procs)
+    logs = "\n".join(p.log_text() for p in procs)
     with db.read_session() as s:
         assert s.scalar(select(func.count(Record.id))) == N
         kinds = dict(s.execute(select(Inbound.kind, func.count(Inbound.id))

@@ -3,11 +3,7 @@ the message is there, held once, and the parent gets exactly one review request.
 
 from __future__ import annotations
 
-import os
-import signal
 import smtplib
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from email import policy
@@ -25,38 +21,11 @@ from broker.db.models import Inbound, Record
 from broker.team.apply import apply_team
 from broker.team.spec import parse_team
 from tests.harness import DOMAIN, TEAM, Sink, free_port, report
-
-
-class Daemon:
-    """`broker serve` as a real process, to be killed without warning."""
-
-    def __init__(self, home: Path, db_url: str) -> None:
-        self.home = home
-        self.env = {**os.environ, "BROKER_HOME": str(home), "BROKER_DATABASE_URL": db_url}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *roles: str) -> None:
-        args = [sys.executable, "-m", "broker.cli.main", "serve", "--log-level", "WARNING"]
-        for r in roles:
-            args += ["--role", r]
-        self.proc = subprocess.Popen(args, env=self.env, stderr=subprocess.PIPE)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline().decode()
-        assert "broker serving" in line, line
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
+from tests.serve_process import ServeProcess
 
 
 @pytest.fixture
-def setup(tmp_path: Path, db_url: str) -> Iterator[tuple[Daemon, Sink, int, Database]]:
+def setup(tmp_path: Path, db_url: str) -> Iterator[tuple[ServeProcess, Sink, int, Database]]:
     home = tmp_path / "home"
     home.mkdir()
     port = free_port()
@@ -73,7 +42,7 @@ def setup(tmp_path: Path, db_url: str) -> Iterator[tuple[Daemon, Sink, int, Data
     db = Database(db_url)
     with db.session() as s:
         apply_team(s, parse_team(TEAM))
-    daemon = Daemon(home, db_url)
+    daemon = ServeProcess(home, db_url)
     yield daemon, sink, port, db
     daemon.stop()
     relay.stop()
