@@ -103,3 +103,53 @@ def test_a_decision_is_taken_in_before_a_backlog_of_reports(tmp_path: Path,
     assert kinds.count("record") == 1 + 9
     rt.spool.close()
     rt.close()
+
+
+def test_identical_bytes_claimed_by_another_pipeline_wait_and_become_a_duplicate(
+        tmp_path: Path, db_url: str) -> None:
+    """Two broker processes on one PostgreSQL database; a clinic's server lost our 250 and
+    sent the same report again, and each copy reached a different pipeline. While one
+    pipeline holds the first copy (its transaction open), the other must not take the
+    second copy in as a new record: it leaves it spooled, and takes it in as a duplicate
+    once the first is committed."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's write lock lets one pipeline at a time take mail in")
+    from sqlalchemy.orm import Session
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / config.CONFIG_NAME).write_text(config.render_config(
+        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
+    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
+    upgrade(db_url)
+    rt = Runtime.open(settings)
+    with rt.db.session() as s:
+        apply_team(s, parse_team(TEAM))
+    data = report(subject="sent twice").as_bytes(policy=policy.SMTP)
+
+    def spool() -> str:
+        return rt.spool.store(data, Envelope.for_message(
+            data, mail_from="lee@clinic.example", rcpt_tos=(f"sam@{DOMAIN}",), peer="x",
+            helo="x"))
+
+    first, second = spool(), spool()
+    # The other process is taking the first copy in: its transaction holds the claims.
+    other = Session(rt.db.engine)
+    other.begin()
+    assert pipeline_mod._claim(other, first, rt.spool.envelope(first).sha256)
+    entry = rt.spool.entry(second)
+    assert entry is not None
+    Pipeline(rt).process_batch([entry])
+    with rt.db.session() as s:
+        assert s.scalars(select(Inbound.kind)).all() == []
+    assert rt.spool.entry(second) is not None  # still spooled, not lost
+    other.rollback()  # (the other process failed; had it committed, the same follows)
+    other.close()
+
+    assert Pipeline(rt).run_once() == 2  # now both copies: one record, one duplicate
+    with rt.db.session() as s:
+        assert sorted(s.scalars(select(Inbound.kind)).all()) == ["duplicate", "record"]
+        assert len(s.scalars(select(Record)).all()) == 1
+    rt.spool.close()
+    rt.close()
+

@@ -204,7 +204,7 @@ class Pipeline:
         try:
             with self.rt.db.session() as s:
                 for entry, raw in readable:
-                    if not _claim(s, entry.id):
+                    if not _claim(s, entry.id, entry.envelope.sha256):
                         others.add(entry.id)
                         continue
                     if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)):
@@ -558,25 +558,31 @@ class Pipeline:
             )
 
 
-# The first key of the advisory locks that claim a spool id (PostgreSQL), so they can
-# never meet another use of advisory locks.
+# The first keys of the advisory locks that claim a spool id and a message's bytes
+# (PostgreSQL), so they can never meet another use of advisory locks.
 SPOOL_LOCK_CLASS = 0x5B001
+BYTES_LOCK_CLASS = 0x5B002
 
 
-def _claim(s: Session, spool_id: str) -> bool:
+def _claim(s: Session, spool_id: str, sha256: str) -> bool:
     """Claim a spooled message for this transaction; False if another pipeline (another
-    `broker serve` on the same spool and database) is taking it in right now.
+    `broker serve` on the same spool and database) is taking it in right now - that
+    message, or another copy of the same bytes (a sender that lost our 250 and sent
+    again): the copy taken second must see the first one's row, or both would become
+    records.
 
-    On PostgreSQL a transaction-level advisory lock on the spool id, taken without
-    waiting and held until commit: the owner commits its inbound row before the lock
-    goes, so whoever claims next sees the row and skips the message. A hash collision
-    only postpones a message to a later round. Not inside the message's savepoint: a
-    lock taken there would go with a rollback to it. SQLite's write lock (BEGIN
-    IMMEDIATE) already serialises pipelines there."""
+    On PostgreSQL transaction-level advisory locks on the spool id and on the bytes' hash,
+    taken without waiting and held until commit: the owner commits its inbound row before
+    the locks go, so whoever claims next sees the row. A message not claimed stays in the
+    spool for a later round; a hash collision only postpones one. Not inside the message's
+    savepoint: a lock taken there would go with a rollback to it. SQLite's write lock
+    (BEGIN IMMEDIATE) already serialises pipelines there."""
     if s.get_bind().dialect.name != "postgresql":
         return True
-    return bool(s.scalar(text(f"SELECT pg_try_advisory_xact_lock({SPOOL_LOCK_CLASS}, "
-                              "hashtext(:id))"), {"id": spool_id}))
+    return bool(s.scalar(
+        text(f"SELECT pg_try_advisory_xact_lock({SPOOL_LOCK_CLASS}, hashtext(:id)) "
+             f"AND pg_try_advisory_xact_lock({BYTES_LOCK_CLASS}, hashtext(:sha))"),
+        {"id": spool_id, "sha": sha256}))
 
 
 def _who_decides(authority: Authority) -> list[str]:
