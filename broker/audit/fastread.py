@@ -22,14 +22,14 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from broker.audit.rows import DELIVERED, Disclosure, EventRow, day_start
 
 if TYPE_CHECKING:
     from broker.crypto.vault import Vault
 
-DELIVERED = "delivered"
 SUMMARY_BATCH = 500  # as queries.SUMMARY_BATCH
 VERSIONS = Path(__file__).resolve().parents[1] / "db" / "migrations" / "versions"
 EVENT_COLUMNS = "seq, at, child, record_id, actor, actor_role, action, recipients, description"
@@ -37,71 +37,6 @@ EVENT_COLUMNS = "seq, at, child, record_id, actor, actor_role, action, recipient
 
 class Unavailable(Exception):
     """This database cannot be read here; use broker.audit.queries instead."""
-
-
-# -- rows: the same fields and export format as broker.audit.queries ---------------------
-
-
-@dataclass(frozen=True)
-class Disclosure:
-    """One released copy (queries.Disclosure without SQLAlchemy behind it)."""
-
-    seq: int
-    at: dt.datetime
-    child: str
-    record_id: int | None
-    recipient: str
-    recipient_name: str
-    subject: str
-    attachments: tuple[str, ...]
-    sha256: str
-    released_by: str
-    delivery_id: int | None = None
-    details: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The export format: must stay identical to queries.Disclosure.as_dict."""
-        return {
-            "seq": self.seq,
-            "at": self.at.isoformat(),
-            "child": self.child,
-            "record": self.record_id,
-            "recipient": self.recipient,
-            "recipient_name": self.recipient_name,
-            "subject": self.subject,
-            "attachments": list(self.attachments),
-            "sha256": self.sha256,
-            "released_by": self.released_by,
-        }
-
-
-@dataclass(frozen=True)
-class EventRow:
-    """One audit event (queries.EventRow without SQLAlchemy behind it)."""
-
-    seq: int
-    at: dt.datetime
-    child: str
-    record_id: int | None
-    actor: str
-    actor_role: str
-    action: str
-    recipients: tuple[str, ...] = ()
-    description: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The export format: must stay identical to queries.EventRow.as_dict."""
-        return {
-            "seq": self.seq,
-            "at": self.at.isoformat(),
-            "child": self.child,
-            "record": self.record_id,
-            "actor": self.actor,
-            "actor_role": self.actor_role,
-            "action": self.action,
-            "recipients": list(self.recipients),
-            "description": self.description,
-        }
 
 
 # -- connections --------------------------------------------------------------------------
@@ -348,11 +283,6 @@ def open_reader(url: str) -> Iterator[Reader]:
 
 
 # -- the questions ------------------------------------------------------------------------
-
-
-def day_start(day: dt.date) -> dt.datetime:
-    """Midnight UTC opening `day`: date filters are whole UTC days (as queries.day_start)."""
-    return dt.datetime.combine(day, dt.time.min, tzinfo=dt.UTC)
 
 
 Filters = tuple[str | None, dt.date | None, dt.date | None, int | None]
