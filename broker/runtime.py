@@ -31,11 +31,8 @@ def rules_folder(home: Path | str | None) -> Path:
 
 
 def open_vault(settings: Settings) -> vaults.Vault:
-    """The home's keyring, registered for its database. A fresh home (no content yet)
-    without a key file gets one; see vault.load_vault."""
-    vault = vaults.load_vault(settings.home, create_if_fresh=True)
-    vaults.register(settings.database_url, vault)
-    return vault
+    """The home's keyring, registered for its database (see vault.open_home_vault)."""
+    return vaults.open_home_vault(settings.home, settings.database_url)
 
 
 @dataclass

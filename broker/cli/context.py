@@ -38,28 +38,20 @@ def load_settings(home: str | None) -> config.Settings:
 
 
 def load_vault(settings: config.Settings) -> Vault:
-    """The home's content keyring, exactly as broker.runtime.open_vault opens it (a fresh
-    home gets a key file; registered for its database), without importing the runtime's
-    SQLAlchemy modules. A keyring that cannot be read is a clear error."""
+    """The home's content keyring (registered for its database); a keyring that cannot be
+    read is a clear error. The vault module needs no SQLAlchemy: `broker audit` uses this
+    before deciding whether it needs the database layer at all."""
     from broker.crypto import vault as vaults
 
     try:
-        vault = vaults.load_vault(settings.home, create_if_fresh=True)
+        return vaults.open_home_vault(settings.home, settings.database_url)
     except vaults.VaultError as exc:
         raise click.ClickException(str(exc)) from exc
-    vaults.register(settings.database_url, vault)
-    return vault
 
 
 def open_broker(home: str | None) -> Broker:
     settings = load_settings(home)
-    from broker.crypto.vault import VaultError
-    from broker.runtime import open_vault
-
-    try:
-        vault = open_vault(settings)
-    except VaultError as exc:
-        raise click.ClickException(str(exc)) from exc
+    vault = load_vault(settings)
     from broker.content.store import ContentStore
     from broker.db.engine import Database
 

@@ -390,3 +390,11 @@ def registered(url: str | None) -> Vault:
                          "broker.runtime.Runtime (or register a vault) before touching "
                          "sealed columns")
     return vault
+
+
+def open_home_vault(home: Path, database_url: str) -> Vault:
+    """The home's keyring, registered for its database (sealed columns find it by URL).
+    A fresh home (no content yet) without a key file gets one; see load_vault."""
+    vault = load_vault(home, create_if_fresh=True)
+    register(database_url, vault)
+    return vault
