@@ -355,6 +355,22 @@ def test_partial_eml_is_never_pending_and_is_cleaned_when_old(tmp_path: Path) ->
     assert [e.id for e in spool.pending()] == [done]
 
 
+def test_listing_remembers_headers_but_never_what_is_gone(tmp_path: Path) -> None:
+    """The spool keeps the headers it has read (a backlog is listed every round); a
+    message taken in or set aside is never listed again, one stored since is."""
+    spool = Spool(tmp_path / "spool")
+    ids = [spool.store(RAW + f"{i}\r\n".encode(), _envelope(RAW + f"{i}\r\n".encode()))
+           for i in range(4)]
+    assert [e.id for e in spool.pending(first=lambda env: False)] == ids
+    spool.remove(ids[0])
+    spool.set_aside(ids[1])
+    late = spool.store(RAW + b"late\r\n", _envelope(RAW + b"late\r\n"))
+    assert [e.id for e in spool.pending(first=lambda env: False)] == [ids[2], ids[3], late]
+    assert [e.id for e in spool.pending(limit=1)] == [ids[2]]
+    assert [e.id for e in spool.pending(keep=lambda env: env.size == len(RAW) + 6)] == [late]
+    spool.close()
+
+
 def test_concurrent_stores(tmp_path: Path, mode: CommitMode) -> None:
     spool = Spool(tmp_path / "spool", commit=mode)
     payloads = [RAW + f"{i}\r\n".encode() for i in range(200)]
