@@ -167,3 +167,25 @@ def test_small_records_are_taken_in_while_a_large_one_is_parsed(rt: Runtime) -> 
     # Committed first although spooled second: it did not wait for the large one.
     assert held["short one after it"].id < held["twelve megabyte report"].id, (
         f"the short record waited for the large one (took {small_took:.2f} s)")
+
+
+def test_large_messages_are_taken_in_one_per_transaction(rt: Runtime) -> None:
+    """Three 1.5 MB scans arrive together -> the large pipeline reads and takes in one at
+    a time (a batch is held in memory whole), the small one batches as before."""
+    for k in range(3):
+        spool(rt, large_report(f"scan {k}", LARGE + 512 * 1024))
+    for k in range(3):
+        spool(rt, small_report(f"note {k}"))
+    sizes: list[tuple[str, int]] = []
+    pipelines = [Pipeline(rt, sizes="large"), Pipeline(rt, sizes="small")]
+    for pipeline in pipelines:
+        real = pipeline.process_batch
+
+        def counted(entries, _real=real, _name=pipeline.sizes):
+            sizes.append((_name, len(entries)))
+            return _real(entries)
+
+        pipeline.process_batch = counted  # type: ignore[method-assign]
+        assert pipeline.run_once() == 3
+    assert sizes == [("large", 1), ("large", 1), ("large", 1), ("small", 3)]
+    assert len(records(rt)) == 6

@@ -94,6 +94,10 @@ class Pipeline:
             raise ValueError(f"sizes must be all, small or large, not {sizes!r}")
         self.rt = rt
         self.sizes = sizes
+        # Large messages one per transaction: a batch is read into memory whole, and five
+        # 25 MB messages (with their parsed documents) at once would need five times the
+        # memory of one.
+        self.batch = 1 if sizes == "large" else BATCH
         self._prepared: dict[str, Prepared] = {}
         self._ids: deque[str] = deque()
         self._last_scan = float("-inf")  # the first round lists the spool
@@ -135,8 +139,8 @@ class Pipeline:
                        if (e := self.rt.spool.entry(i)) is not None and self.takes(e.envelope)]
         else:
             return 0
-        for i in range(0, len(entries), BATCH):
-            self.process_batch(entries[i:i + BATCH])
+        for i in range(0, len(entries), self.batch):
+            self.process_batch(entries[i:i + self.batch])
         return len(entries)
 
     def takes(self, envelope: Envelope) -> bool:
