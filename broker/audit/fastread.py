@@ -16,7 +16,6 @@ tests/test_audit_fastread.py holds both paths to the same rows and the same outp
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import sys
@@ -25,12 +24,21 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker.audit.rows import DELIVERED, Disclosure, EventRow, day_start
+from broker.audit.rows import (
+    DELIVERED,
+    SUMMARY_BATCH,
+    Disclosure,
+    EventRow,
+    day_start,
+    delivery_id,
+    disclosure,
+    event_row,
+    loads,
+)
 
 if TYPE_CHECKING:
     from broker.crypto.vault import Vault
 
-SUMMARY_BATCH = 500  # as queries.SUMMARY_BATCH
 VERSIONS = Path(__file__).resolve().parents[1] / "db" / "migrations" / "versions"
 EVENT_COLUMNS = "seq, at, child, record_id, actor, actor_role, action, recipients, description"
 
@@ -334,20 +342,6 @@ def _time(value: Any) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC)
 
 
-def _loads(text: Any, default: Any) -> Any:
-    """As queries._loads: a row that does not parse is shown, not fatal."""
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return default
-
-
-def _delivery_id(desc: Any) -> int | None:
-    if isinstance(desc, dict) and isinstance(desc.get("delivery"), int):
-        return desc["delivery"]
-    return None
-
-
 def _summaries(reader: Reader, vault: Vault | None,
                delivery_ids: list[int]) -> dict[int, dict[str, Any]]:
     """Opened summaries of these deliveries (deliveries.summary is sealed), by id; a value
@@ -369,38 +363,15 @@ def _summaries(reader: Reader, vault: Vault | None,
                     summary = vault.open_text(summary)
                 except SealError as exc:
                     raise Unavailable(f"summary of delivery {did}: {exc}") from exc
-            loaded = _loads(summary, {})
+            loaded = loads(summary, {})
             out[int(did)] = loaded if isinstance(loaded, dict) else {}
     return out
 
 
 def _to_disclosure(row: tuple[Any, ...], summary: dict[str, Any] | None,
                    desc: Any) -> Disclosure:
-    """As queries._to_disclosure: the event's own fields win over the summary's."""
-    seq, at, child, record_id, _actor, _role, _action, recipients_text, _ = row
-    recipients = _loads(recipients_text, [])
-    if not isinstance(desc, dict):
-        desc = {}
-    delivery_id = _delivery_id(desc)
-    desc = {**(summary or {}), **desc}
-    record_id = _int(record_id)
-    if record_id is None and isinstance(desc.get("record"), int):
-        record_id = desc["record"]
-    attachments = desc.get("attachments") or []
-    return Disclosure(
-        seq=int(seq),
-        at=_time(at),
-        child=child,
-        record_id=record_id,
-        recipient=str(recipients[0]) if recipients else "",
-        recipient_name=str(desc.get("recipient_name") or ""),
-        subject=str(desc.get("subject") or ""),
-        attachments=tuple(str(a) for a in attachments),
-        sha256=str(desc.get("sha256") or ""),
-        released_by=str(desc.get("released_by") or ""),
-        delivery_id=delivery_id,
-        details=desc,
-    )
+    seq, at, child, record_id, _actor, _role, _action, recipients, _ = row
+    return disclosure(int(seq), _time(at), child, _int(record_id), recipients, desc, summary)
 
 
 def disclosures(
@@ -415,8 +386,8 @@ def disclosures(
     """As queries.disclosures: released copies oldest first, or only the latest `limit`."""
     rows = _latest(reader, (child, since, until, record_id), ["action = ?"], [DELIVERED],
                    limit)
-    descs = [_loads(row[8], {}) for row in rows]
-    ids = [_delivery_id(desc) for desc in descs]
+    descs = [loads(row[8], {}) for row in rows]
+    ids = [delivery_id(desc) for desc in descs]
     wanted = [d for d in ids if d is not None]
     summaries = _summaries(reader, vault, wanted) if wanted else {}
     return [
@@ -427,18 +398,8 @@ def disclosures(
 
 def _to_event(row: tuple[Any, ...]) -> EventRow:
     seq, at, child, record_id, actor, actor_role, action, recipients, description = row
-    desc = _loads(description, {})
-    return EventRow(
-        seq=int(seq),
-        at=_time(at),
-        child=child,
-        record_id=_int(record_id),
-        actor=actor,
-        actor_role=actor_role,
-        action=action,
-        recipients=tuple(str(r) for r in _loads(recipients, [])),
-        description=desc if isinstance(desc, dict) else {"_raw": desc},
-    )
+    return event_row(int(seq), _time(at), child, _int(record_id), actor, actor_role, action,
+                     recipients, description)
 
 
 def events(

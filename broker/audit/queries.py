@@ -15,14 +15,23 @@ written before sealing, which still carry a subject, are shown as they are.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Row, Select, func, select
 from sqlalchemy.orm import Session
 
-from broker.audit.rows import DELIVERED, Disclosure, EventRow, day_start
+from broker.audit.rows import (
+    DELIVERED,
+    SUMMARY_BATCH,
+    Disclosure,
+    EventRow,
+    day_start,
+    delivery_id,
+    disclosure,
+    event_row,
+    loads,
+)
 from broker.db.models import AuditEvent, Child, Delivery
 
 TABLE = AuditEvent.__table__
@@ -76,17 +85,6 @@ def _latest(
     return rows
 
 
-def _loads(text: str, default: Any) -> Any:
-    """Decodes a JSON column; a row that does not parse is shown, not fatal (verify says why)."""
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return default
-
-
-SUMMARY_BATCH = 500
-
-
 def _summaries(s: Session, delivery_ids: list[int]) -> dict[int, dict[str, Any]]:
     """Opened summaries of these deliveries (sealed column), by id."""
     out: dict[int, dict[str, Any]] = {}
@@ -96,62 +94,18 @@ def _summaries(s: Session, delivery_ids: list[int]) -> dict[int, dict[str, Any]]
         for did, summary in s.execute(
             select(Delivery.id, Delivery.summary).where(Delivery.id.in_(chunk))
         ):
-            loaded = _loads(summary, {})
+            loaded = loads(summary, {})
             out[did] = loaded if isinstance(loaded, dict) else {}
     return out
 
 
-def _delivery_id(desc: Any) -> int | None:
-    if isinstance(desc, dict) and isinstance(desc.get("delivery"), int):
-        return desc["delivery"]
-    return None
-
-
-def _to_disclosure(
-    row: Row[Any], summary: dict[str, Any] | None = None, desc: Any = None
-) -> Disclosure:
-    recipients = _loads(row.recipients, [])
-    if desc is None:
-        desc = _loads(row.description, {})
-    if not isinstance(desc, dict):
-        desc = {}
-    delivery_id = _delivery_id(desc)
-    # What was sent lives in the sealed delivery summary; the event's own fields win
-    # (legacy events carry the subject themselves).
-    desc = {**(summary or {}), **desc}
-    record_id = row.record_id
-    if record_id is None and isinstance(desc.get("record"), int):
-        record_id = desc["record"]
-    attachments = desc.get("attachments") or []
-    return Disclosure(
-        seq=row.seq,
-        at=row.at,
-        child=row.child,
-        record_id=record_id,
-        recipient=str(recipients[0]) if recipients else "",
-        recipient_name=str(desc.get("recipient_name") or ""),
-        subject=str(desc.get("subject") or ""),
-        attachments=tuple(str(a) for a in attachments),
-        sha256=str(desc.get("sha256") or ""),
-        released_by=str(desc.get("released_by") or ""),
-        delivery_id=delivery_id,
-        details=desc,
-    )
+def _to_disclosure(row: Row[Any], summary: dict[str, Any] | None, desc: Any) -> Disclosure:
+    return disclosure(row.seq, row.at, row.child, row.record_id, row.recipients, desc, summary)
 
 
 def _to_event(row: Row[Any]) -> EventRow:
-    desc = _loads(row.description, {})
-    return EventRow(
-        seq=row.seq,
-        at=row.at,
-        child=row.child,
-        record_id=row.record_id,
-        actor=row.actor,
-        actor_role=row.actor_role,
-        action=row.action,
-        recipients=tuple(str(r) for r in _loads(row.recipients, [])),
-        description=desc if isinstance(desc, dict) else {"_raw": desc},
-    )
+    return event_row(row.seq, row.at, row.child, row.record_id, row.actor, row.actor_role,
+                     row.action, row.recipients, row.description)
 
 
 def disclosures(
@@ -166,8 +120,8 @@ def disclosures(
     with `limit`, only the latest that many (count_matching tells how many there are)."""
     query = select(TABLE).where(AuditEvent.action == DELIVERED)
     rows = _latest(s, query, (child, since, until, record_id), limit)
-    descs = [_loads(row.description, {}) for row in rows]
-    ids = [_delivery_id(desc) for desc in descs]
+    descs = [loads(row.description, {}) for row in rows]
+    ids = [delivery_id(desc) for desc in descs]
     wanted = [d for d in ids if d is not None]
     summaries = _summaries(s, wanted) if wanted else {}
     return [
@@ -235,7 +189,7 @@ _COPY_COLUMNS = (
 
 
 def _to_copy(row: Row[Any]) -> ReleaseCopy:
-    summary = _loads(row.summary, {})
+    summary = loads(row.summary, {})
     return ReleaseCopy(
         id=row.id, record_id=row.record_id, person_id=row.person_id, recipient=row.recipient,
         message_id=row.message_id, sha256=row.sha256, consent_id=row.consent_id,

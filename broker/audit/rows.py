@@ -5,10 +5,13 @@ SQLAlchemy. Their as_dict field names are the export format: keep them stable.""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 DELIVERED = "delivered"
+# Delivery summaries are fetched this many ids at a time (one IN list per query).
+SUMMARY_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,69 @@ class EventRow:
 def day_start(day: dt.date) -> dt.datetime:
     """Midnight UTC opening `day`: date filters are whole UTC days."""
     return dt.datetime.combine(day, dt.time.min, tzinfo=dt.UTC)
+
+
+# -- decoding: the same for the ORM path and the fast reader --------------------------------
+
+
+def loads(text: Any, default: Any) -> Any:
+    """Decodes a JSON column; a row that does not parse is shown, not fatal (verify says
+    why)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return default
+
+
+def delivery_id(desc: Any) -> int | None:
+    """The delivery a "delivered" event names (None for events written before that)."""
+    if isinstance(desc, dict) and isinstance(desc.get("delivery"), int):
+        return desc["delivery"]
+    return None
+
+
+def event_row(seq: int, at: dt.datetime, child: str, record_id: int | None, actor: str,
+              actor_role: str, action: str, recipients: Any, description: Any) -> EventRow:
+    """One event from its columns (recipients and description still JSON text)."""
+    desc = loads(description, {})
+    return EventRow(
+        seq=seq,
+        at=at,
+        child=child,
+        record_id=record_id,
+        actor=actor,
+        actor_role=actor_role,
+        action=action,
+        recipients=tuple(str(r) for r in loads(recipients, [])),
+        description=desc if isinstance(desc, dict) else {"_raw": desc},
+    )
+
+
+def disclosure(seq: int, at: dt.datetime, child: str, record_id: int | None,
+               recipients: Any, desc: Any, summary: dict[str, Any] | None) -> Disclosure:
+    """One released copy from a "delivered" event's columns (recipients still JSON text,
+    its description decoded) and its delivery's opened summary."""
+    sent_to = loads(recipients, [])
+    if not isinstance(desc, dict):
+        desc = {}
+    delivery = delivery_id(desc)
+    # What was sent lives in the sealed delivery summary; the event's own fields win
+    # (legacy events carry the subject themselves).
+    desc = {**(summary or {}), **desc}
+    if record_id is None and isinstance(desc.get("record"), int):
+        record_id = desc["record"]
+    attachments = desc.get("attachments") or []
+    return Disclosure(
+        seq=seq,
+        at=at,
+        child=child,
+        record_id=record_id,
+        recipient=str(sent_to[0]) if sent_to else "",
+        recipient_name=str(desc.get("recipient_name") or ""),
+        subject=str(desc.get("subject") or ""),
+        attachments=tuple(str(a) for a in attachments),
+        sha256=str(desc.get("sha256") or ""),
+        released_by=str(desc.get("released_by") or ""),
+        delivery_id=delivery,
+        details=desc,
+    )
