@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiosmtpd.controller import Controller
 from sqlalchemy import select
@@ -28,6 +29,9 @@ from broker.db.models import AuditEvent, Record
 from broker.service import Service
 from broker.team.apply import apply_team
 from broker.team.spec import parse_team
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
 
 DOMAIN = "records.example"
 GUARDIAN = "dana@home.example"
@@ -106,6 +110,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def team_runtime(home: Path, db_url: str) -> Runtime:
+    """A home with the test team and no broker running: for tests that drive the pipeline
+    (or the outbox) themselves, one round at a time. The caller closes it (rt.spool.close(),
+    rt.close())."""
+    from broker.db.migrate import upgrade
+    from broker.runtime import Runtime
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / config.CONFIG_NAME).write_text(config.render_config(
+        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
+    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
+    upgrade(db_url)
+    rt = Runtime.open(settings)
+    with rt.db.session() as s:
+        apply_team(s, parse_team(TEAM))
+    return rt
 
 
 class World:

@@ -9,29 +9,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from broker import config
-from broker.db.migrate import upgrade
 from broker.db.models import Inbound, Record
 from broker.intake import pipeline as pipeline_mod
 from broker.intake.pipeline import Pipeline
 from broker.intake.spool import Envelope
-from broker.runtime import Runtime
-from broker.team.apply import apply_team
-from broker.team.spec import parse_team
-from tests.harness import DOMAIN, TEAM, report
+from tests.harness import DOMAIN, report, team_runtime
 
 
 def test_one_bad_message_does_not_undo_the_batch(tmp_path: Path, db_url: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / config.CONFIG_NAME).write_text(config.render_config(
-        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
-    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
-    upgrade(db_url)
-    rt = Runtime.open(settings)
-    with rt.db.session() as s:
-        apply_team(s, parse_team(TEAM))
+    rt = team_runtime(tmp_path / "home", db_url)
     subjects = ["first report", "poison report", "third report"]
     for subject in subjects:
         data = report(subject=subject).as_bytes(policy=policy.SMTP)
@@ -65,15 +52,7 @@ def test_a_decision_is_taken_in_before_a_backlog_of_reports(tmp_path: Path,
     all of them, is taken in with the first round, not after the whole backlog."""
     from broker.review import tokens
 
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / config.CONFIG_NAME).write_text(config.render_config(
-        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
-    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
-    upgrade(db_url)
-    rt = Runtime.open(settings)
-    with rt.db.session() as s:
-        apply_team(s, parse_team(TEAM))
+    rt = team_runtime(tmp_path / "home", db_url)
 
     def spool(data: bytes, sender: str, rcpt: str) -> None:
         rt.spool.store(data, Envelope.for_message(
@@ -116,15 +95,7 @@ def test_identical_bytes_claimed_by_another_pipeline_wait_and_become_a_duplicate
         pytest.skip("SQLite's write lock lets one pipeline at a time take mail in")
     from sqlalchemy.orm import Session
 
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / config.CONFIG_NAME).write_text(config.render_config(
-        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
-    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
-    upgrade(db_url)
-    rt = Runtime.open(settings)
-    with rt.db.session() as s:
-        apply_team(s, parse_team(TEAM))
+    rt = team_runtime(tmp_path / "home", db_url)
     data = report(subject="sent twice").as_bytes(policy=policy.SMTP)
 
     def spool() -> str:

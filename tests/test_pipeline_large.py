@@ -15,30 +15,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from broker import config
-from broker.db.migrate import upgrade
 from broker.db.models import Inbound, Record
 from broker.intake import pipeline as pipeline_mod
 from broker.intake.pipeline import LARGE, Pipeline
 from broker.intake.spool import Envelope
 from broker.records import states
 from broker.runtime import Runtime
-from broker.team.apply import apply_team
-from broker.team.spec import parse_team
-from tests.harness import DOMAIN, TEAM, report
+from tests.harness import DOMAIN, report, team_runtime
 
 
 @pytest.fixture
 def rt(tmp_path: Path, db_url: str):
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / config.CONFIG_NAME).write_text(config.render_config(
-        domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:9", auth="token"))
-    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url})
-    upgrade(db_url)
-    runtime = Runtime.open(settings)
-    with runtime.db.session() as s:
-        apply_team(s, parse_team(TEAM))
+    runtime = team_runtime(tmp_path / "home", db_url)
     yield runtime
     runtime.spool.close()
     runtime.close()
