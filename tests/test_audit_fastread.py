@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +27,18 @@ from sqlalchemy import text
 from broker.audit import fastread, queries
 from broker.audit.log import record_event
 from broker.cli import audit as audit_cli
-from broker.cli.context import Broker, open_broker
-from broker.config import render_config
+from broker.cli.context import Broker
 from broker.db.models import Child
+from tests import test_audit_report
 from tests.test_audit_report import HOSTILE, write_history
 
 REPO = Path(__file__).resolve().parents[1]
 START = dt.datetime(2025, 3, 1, 6, 0, tzinfo=dt.UTC)
 
-
-@pytest.fixture
-def home(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A broker home whose database is the test's (BROKER_DATABASE_URL wins over the file)."""
-    path = tmp_path / "home"
-    path.mkdir()
-    (path / "broker.toml").write_text(
-        render_config(domain="records.example", listen="127.0.0.1:2525", relay="127.0.0.1:2526"),
-        encoding="utf-8",
-    )
-    monkeypatch.setenv("BROKER_DATABASE_URL", db_url)
-    monkeypatch.delenv("BROKER_HOME", raising=False)
-    monkeypatch.delenv("BROKER_CONTENT_KEY", raising=False)
-    return path
-
-
-@pytest.fixture
-def broker(home: Path) -> Iterator[Broker]:
-    """The home opened as the CLI opens it (which registers its content key)."""
-    b = open_broker(str(home))
-    yield b
-    b.db.dispose()
+# The same fixtures as the report's tests: a home on the test's database with its own key
+# file, and the broker opened on it as the CLI opens it.
+home = test_audit_report.home
+broker = test_audit_report.broker
 
 
 @pytest.fixture

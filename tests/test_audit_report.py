@@ -57,6 +57,7 @@ def at(day: int, hour: int = 10, minute: int = 0, month: int = 3) -> dt.datetime
 
 @pytest.fixture
 def home(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A broker home whose database is the test's (BROKER_DATABASE_URL wins over the file)."""
     path = tmp_path / "home"
     path.mkdir()
     (path / "broker.toml").write_text(
@@ -65,6 +66,7 @@ def home(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.setenv("BROKER_DATABASE_URL", db_url)
     monkeypatch.delenv("BROKER_HOME", raising=False)
+    monkeypatch.delenv("BROKER_CONTENT_KEY", raising=False)  # the home's own key file
     return path
 
 
