@@ -373,6 +373,20 @@ def main_profile(args: argparse.Namespace) -> int:
                 prof.disable()
             return t1 - t0, time.perf_counter() - t1
 
+        def profiled_drain() -> tuple[cProfile.Profile, float, cProfile.Profile, float]:
+            """The pipeline until idle, then the outbox, each under its own profiler:
+            (pipeline profile, its seconds, outbox profile, its seconds)."""
+            out: list[cProfile.Profile | float] = []
+            for step in (pipeline.run_once, sender.run_once):
+                prof = cProfile.Profile()
+                t0 = time.perf_counter()
+                prof.enable()
+                while step():
+                    pass
+                prof.disable()
+                out += [prof, time.perf_counter() - t0]
+            return out[0], out[1], out[2], out[3]  # type: ignore[return-value]
+
         timers = Timers()
         timers.install()
         half = max(1, n // 2)
@@ -386,20 +400,8 @@ def main_profile(args: argparse.Namespace) -> int:
             timers.print(half, f"{name} (pipeline, then outbox)")
             spool(make(half, n))
             timers.uninstall()
-            prof_p = cProfile.Profile()
-            t0 = time.perf_counter()
-            prof_p.enable()
-            while pipeline.run_once():
-                pass
-            prof_p.disable()
-            tp = time.perf_counter() - t0
-            prof_o = cProfile.Profile()
-            t0 = time.perf_counter()
-            prof_o.enable()
-            while sender.run_once():
-                pass
-            prof_o.disable()
-            results[name].append((tp, time.perf_counter() - t0))
+            prof_p, tp, prof_o, to = profiled_drain()
+            results[name].append((tp, to))
             timers.install()
             m = n - half
             (up, uo), (pp, po) = results[name]
@@ -419,20 +421,7 @@ def main_profile(args: argparse.Namespace) -> int:
         timers.print(len(lo), "approvals (pipeline, then outbox)")
         timers.uninstall()
         spool([(B.GUARDIAN, got[k].token_addr, B.approval(got[k])) for k in hi])
-        prof_p = cProfile.Profile()
-        t0 = time.perf_counter()
-        prof_p.enable()
-        while pipeline.run_once():
-            pass
-        prof_p.disable()
-        pp = time.perf_counter() - t0
-        prof_o = cProfile.Profile()
-        t0 = time.perf_counter()
-        prof_o.enable()
-        while sender.run_once():
-            pass
-        prof_o.disable()
-        po = time.perf_counter() - t0
+        prof_p, pp, prof_o, po = profiled_drain()
         rel = B.releases(relay.recorder.snapshot())
         print(f"approvals: unprofiled {up / len(lo) * 1000:.1f} ms pipeline + "
               f"{uo / len(lo) * 1000:.1f} ms outbox per approval ({len(lo)}); profiled "
