@@ -3,6 +3,8 @@ draft surviving the content store (pure)."""
 
 from __future__ import annotations
 
+import pytest
+
 from broker.content.codec import (
     document_from_bytes,
     document_to_bytes,
@@ -49,6 +51,36 @@ def test_pages_are_checked_against_the_attachment() -> None:
                           ("REDACT A9 p.1", "There is no attachment A9")):
         bad = apply_commands(DOC, Draft(), parse_commands(line).commands, Team())
         assert isinstance(bad, Invalid) and problem in " ".join(bad.problems), line
+
+
+def test_a_large_attachment_is_stored_apart_and_read_back_the_same() -> None:
+    """A big attachment is stored as content of its own (its bytes would otherwise be
+    copied four times over inside the document's JSON); reading needs the store."""
+    import base64
+    import dataclasses
+    import json
+
+    from broker.content.codec import SEPARATE_ABOVE
+
+    big = bytes(range(256)) * (SEPARATE_ABOVE // 256 + 1)
+    first = DOC.attachments[0]
+    doc = dataclasses.replace(DOC, attachments=(
+        dataclasses.replace(first, data=big, size=len(big)), *DOC.attachments[1:]))
+    blobs: dict[str, bytes] = {}
+
+    def put(data: bytes) -> str:
+        blobs[f"ref{len(blobs)}"] = data
+        return f"ref{len(blobs) - 1}"
+
+    stored = document_to_bytes(doc, put_blob=put)
+    assert list(blobs.values()) == [big]  # only the big one; small ones stay inline
+    assert base64.b64encode(big[:300]) not in stored
+    assert json.loads(stored)["attachments"][0]["data_ref"] == "ref0"
+    assert document_from_bytes(stored, get_blob=blobs.__getitem__) == doc
+    with pytest.raises(ValueError, match="get_blob"):
+        document_from_bytes(stored)
+    # Documents written with everything inline (as before) read the same either way.
+    assert document_from_bytes(document_to_bytes(doc), get_blob=blobs.__getitem__) == doc
 
 
 def test_document_and_draft_round_trip_with_pages() -> None:

@@ -212,6 +212,28 @@ def test_an_untouched_pdf_passes_as_it_came(world: World) -> None:
     assert attachments_of(release_copy(world))["ot-report.pdf"][1] == original
 
 
+def test_a_large_pdf_is_stored_apart_and_passes_as_it_came(world: World) -> None:
+    """A scanned-size PDF (over the size kept inside the document) reaches the school
+    byte for byte, read back from where it was stored apart."""
+    import random
+
+    from PIL import Image
+
+    from broker.content.codec import SEPARATE_ABOVE
+
+    noise = Image.frombytes("RGB", (400, 400), random.Random(7).randbytes(400 * 400 * 3))
+    doc = fpdf.FPDF()
+    doc.add_page()
+    doc.set_font("Helvetica", size=11)
+    doc.multi_cell(0, 6, "Handwriting sample, scanned.")
+    doc.image(noise, x=10, y=30, w=150)
+    original = bytes(doc.output())
+    assert len(original) > SEPARATE_ABOVE
+    post(world, ("scan.pdf", "application/pdf", original))
+    answer(world, world.review(), "APPROVE")
+    assert attachments_of(release_copy(world))["scan.pdf"][1] == original
+
+
 def test_an_encrypted_pdf_is_never_sent(world: World) -> None:
     doc = fpdf.FPDF()
     doc.set_encryption(owner_password="owner", user_password="secret")

@@ -106,7 +106,8 @@ def load_document(broker: Broker, record: Record) -> Document | None:
     if record.doc_ref is None:
         return None
     try:
-        return document_from_bytes(broker.content.get(record.doc_ref))
+        return document_from_bytes(broker.content.get(record.doc_ref),
+                                   get_blob=broker.content.get)
     except ContentMissing as exc:
         raise click.ClickException(
             f"record {record.id}: its document {record.doc_ref} is missing from the content store"

@@ -442,7 +442,8 @@ class Pipeline:
             return
 
         record.sender_id = sender.id
-        record.doc_ref = self.rt.content.put(document_to_bytes(doc), s)
+        record.doc_ref = self.rt.content.put(
+            document_to_bytes(doc, put_blob=lambda data: self.rt.content.put(data, s)), s)
         people = active_people(s, child)
         day = received_at.date()
         ev = evaluate(

@@ -192,7 +192,8 @@ def handle_reply(
         _answer_fyi(s, rt, notifier, inbound, record, guardian, parsed, auth.method, audit)
         return
 
-    doc = document_from_bytes(rt.content.get(record.doc_ref or "", s))
+    doc = document_from_bytes(rt.content.get(record.doc_ref or "", s),
+                              get_blob=lambda ref: rt.content.get(ref, s))
     draft = (draft_from_bytes(rt.content.get(record.draft_ref, s)) if record.draft_ref
              else Draft())
     team_people = s.scalars(select(Person).where(Person.child_id == child.id,
