@@ -33,7 +33,7 @@ from broker.crypto.outbound import withheld
 from broker.db.models import Child, Consent, Inbound, Person, Record, utcnow
 from broker.intake.pgpin import open_record, open_reply
 from broker.intake.smtp import header_block
-from broker.intake.spool import Envelope, SpoolCorrupt, SpoolEntry, plaintext_file
+from broker.intake.spool import Envelope, SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
@@ -193,11 +193,9 @@ class Pipeline:
             return None  # (a full disk) the transaction stores it, or fails, as before
         if not self._is_answer(entry.envelope):
             try:
-                # From the bytes already read (a memory-backed file, as message_file
-                # gives): reading and opening the sealed file again would hold a
-                # second copy of the whole message.
-                with plaintext_file(raw) as eml_path:
-                    prepared.doc = parse_message(eml_path, self.mime_limits)
+                # From the bytes already read: opening the sealed file again, or copying
+                # the bytes into a memory-backed file, would hold a second copy.
+                prepared.doc = parse_message(raw, self.mime_limits)
             except Exception as exc:  # raised again where the transaction parses
                 prepared.error = exc
         return prepared
@@ -431,9 +429,8 @@ class Pipeline:
             elif prepared is not None and prepared.doc is not None:
                 doc = prepared.doc
             else:
-                # The spool file is sealed: the parser reads an in-memory plaintext copy.
-                with self.rt.spool.message_file(entry.id) as eml_path:
-                    doc = parse_message(eml_path, self.mime_limits)
+                # The plaintext already read from the sealed spool file (never a disk).
+                doc = parse_message(raw, self.mime_limits)
         except LimitExceeded as exc:
             self._quarantine(s, record, f"over a limit of this broker: {exc}")
             return
