@@ -22,6 +22,7 @@ import threading
 import click
 
 from broker import config
+from broker.memory import return_large_blocks
 from broker.service import ROLES, Service
 
 log = logging.getLogger("broker.serve")
@@ -44,6 +45,7 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
           wake_stdin: bool) -> None:
     """Run the SMTP intake, pipeline, outbox sender and scheduler (expiry, reminders)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return_large_blocks()  # a 25 MB message's memory goes back when it is done with
     try:
         settings = config.load(config.resolve_home(home))
     except config.ConfigError as exc:
