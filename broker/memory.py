@@ -21,8 +21,13 @@ import sys
 
 log = logging.getLogger(__name__)
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+M_MMAP_THRESHOLD = -3
 LARGE_BLOCK = 256 * 1024  # bytes; blocks this large or larger come from mmap
+# Fixing the mmap threshold also stops glibc adjusting its trim threshold, which would stay
+# at 128 KB: the heap of a busy process would be shrunk and grown again all the time.
+# Large blocks no longer live in the heap, so a high trim threshold keeps nothing big.
+TRIM_ABOVE = 64 * 1024 * 1024
 
 
 def return_large_blocks() -> bool:
@@ -36,7 +41,7 @@ def return_large_blocks() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK) == 1
+    ok = mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE) == 1 and mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK) == 1
     if not ok:
         log.debug("mallopt(M_MMAP_THRESHOLD) refused; memory is managed as the C library likes")
     return ok
