@@ -13,9 +13,8 @@ flushed before the 250: an incomplete file is a leftover of a store that never a
 
 This module is the single place where message bytes touch the disk, and encryption at rest wraps
 them here (:meth:`Spool._seal`, :meth:`Spool._unseal`): with a vault, ``<id>.eml`` holds an
-AES-256-GCM blob (broker.crypto.vault), never the message. The parser, which reads a file rather
-than bytes (memory), gets the plaintext through :func:`plaintext_file`: an anonymous in-memory
-file (memfd), so no plaintext copy is ever written to a disk.
+AES-256-GCM blob (broker.crypto.vault), never the message. The pipeline parses the plaintext
+from memory (:meth:`Spool.read`), so no plaintext copy is ever written to a disk.
 
 The envelope keeps ``size`` and ``sha256`` of the plaintext message. The hash of a whole mail
 (with its Message-ID, Date and MIME boundaries) cannot be guessed and checked, and it is the same
@@ -48,8 +47,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from broker.crypto.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -582,13 +579,6 @@ class Spool:
             raise SpoolCorrupt(f"spool message {spool_id} does not match its envelope")
         return data
 
-    @contextlib.contextmanager
-    def message_file(self, spool_id: str) -> Iterator[Path]:
-        """A file path holding the plaintext of a committed message, for parsers that read
-        files: an in-memory copy (the spool file also holds its header)."""
-        with plaintext_file(self.read(spool_id)) as path:
-            yield path
-
     # -- removal ---------------------------------------------------------------------------------
 
     def set_aside(self, spool_id: str) -> Path:
@@ -631,23 +621,6 @@ class Spool:
         if not _ID_RE.match(spool_id):
             raise ValueError(f"not a spool id: {spool_id!r}")
         return self.root / f"{spool_id}{suffix}"
-
-
-@contextlib.contextmanager
-def plaintext_file(data: bytes) -> Iterator[Path]:
-    """A path to read ``data`` from as a file, backed by memory only (never a disk).
-
-    Linux memfd: the parser gets a real file to read (its lower peak memory) while the
-    plaintext of a sealed message never lands in the spool or a temporary directory."""
-    fd = os.memfd_create("broker-message", os.MFD_CLOEXEC)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.lseek(fd, 0, os.SEEK_SET)
-        yield Path(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
