@@ -53,7 +53,8 @@ class Runtime:
             settings=settings,
             db=db,
             content=ContentStore(settings.content_dir, vault, db),
-            spool=Spool(settings.spool_dir, vault=vault),
+            # Small mail from the SMTP intake goes through the journal (see Spool).
+            spool=Spool(settings.spool_dir, vault=vault, journal=True),
             vault=vault,
             rules=load_rules(rules_folder(settings.home)),
         )

@@ -540,12 +540,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="how stores are flushed (see broker.intake.spool.Spool)")
     p.add_argument("--batch-window", type=float, default=0.0,
                    help="seconds the batch writer waits for more messages")
+    p.add_argument("--journal", action="store_true",
+                   help="store small mail through the write-ahead journal, as `broker serve` does")
+    p.add_argument("--journal-segment", type=int, default=16 * 1024 * 1024,
+                   help="bytes per journal segment")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    spool = Spool(args.spool, commit=args.commit, batch_window=args.batch_window)
+    spool = Spool(args.spool, commit=args.commit, batch_window=args.batch_window,
+                  journal=args.journal, journal_segment=args.journal_segment)
     spool.cleanup_partial()
     slugs = set(args.slug)
     handler = IntakeHandler(
