@@ -297,6 +297,32 @@ def test_address_acceptor() -> None:
     assert not accepts("sam+x@records.example")
 
 
+COMMAND_ARGS = [
+    "", "<>", "<sam@records.example>", " <sam@records.example> SIZE=100 BODY=8BITMIME",
+    "sam@records.example", "<\"odd name\"@records.example>", "<@relay.example:sam@records.example>",
+    "<sam@[127.0.0.1]>", "<ünïcode@records.example> SMTPUTF8", "<sam@records.example",
+    "<<sam@records.example>>", "not an address", "<a b@records.example>",
+    "<" + "x" * 70 + "@r.example>",
+    "<sam@>", "<@records.example>", "<sam..x@records.example>", "\x00<sam@records.example>",
+]
+
+
+@pytest.mark.parametrize("limit", [0, 64])
+def test_command_addresses_parse_as_aiosmtpd_parses_them(limit: int) -> None:
+    """The intake parses MAIL/RCPT addresses itself (cached, see _LimitedSMTP._getaddr):
+    every answer must be aiosmtpd's own, twice over (the second from the cache)."""
+    from aiosmtpd.smtp import SMTP
+
+    from broker.intake.smtp import _LimitedSMTP
+
+    ours = _LimitedSMTP(lambda peer: "k", lambda key: None, object(), hostname="mx.example")
+    theirs = SMTP(object(), hostname="mx.example")
+    ours.local_part_limit = theirs.local_part_limit = limit
+    for _ in range(2):
+        for arg in COMMAND_ARGS:
+            assert ours._getaddr(arg) == SMTP._getaddr(theirs, arg), arg
+
+
 # -- spool -----------------------------------------------------------------------------------
 
 

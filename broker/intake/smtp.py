@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import re
@@ -27,6 +28,8 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from pathlib import Path
 from typing import Any
 
@@ -451,6 +454,24 @@ def _is_loopback(host: str) -> bool:
     return (mapped or ip).is_loopback
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_command_address(arg: str) -> tuple[str | None, str | None]:
+    """The address and the rest of a MAIL or RCPT argument, parsed as aiosmtpd 1.4 does
+    (with the stdlib's RFC 5322 parser), remembered for the same text: mail to a child's
+    list comes from a few providers to a few addresses, and aiosmtpd's own version also
+    defines a class on every call. Together about a fifth of the intake's CPU."""
+    if not arg:
+        return "", ""
+    try:
+        if arg.lstrip().startswith("<"):
+            address, rest = get_angle_addr(arg)
+        else:
+            address, rest = get_addr_spec(arg)
+    except HeaderParseError:
+        return None, None
+    return address.addr_spec, rest
+
+
 class _LimitedSMTP(SMTP):
     """aiosmtpd's SMTP that first asks the server whether this client address may open
     one more session; if not, it answers 421 at connect and hangs up (RFC 5321 3.1)."""
@@ -488,6 +509,15 @@ class _LimitedSMTP(SMTP):
     def data_received(self, data: bytes) -> None:
         if not self._refused:
             super().data_received(data)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's ``SMTP._getaddr``, the same answers (tests/test_smtp_intake.py
+        compares them), without its per-call cost."""
+        addr, rest = _parse_command_address(arg)
+        limit = self.local_part_limit
+        if addr and limit and len(addr.rpartition("@")[0]) > limit:
+            return None, None
+        return addr, rest
 
     def eof_received(self) -> bool | None:
         if self._refused:
