@@ -423,9 +423,9 @@ class FlakyDirSpool(Spool):
             time.sleep(0.2)
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    def _flush_files(self, jobs: list[Any]) -> bool:
+    def _flush_files(self, jobs: list[Any]) -> None:
         self._fail_first()
-        return super()._flush_files(jobs)
+        super()._flush_files(jobs)
 
     def _fsync_root(self) -> None:
         self._fail_first()

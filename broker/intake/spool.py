@@ -499,8 +499,8 @@ class Spool:
                     job.error = exc
                     self._discard(job.spool_id)
             try:
-                if written and not self._flush_files(written):
-                    self._fsync_root()
+                if written:
+                    self._flush_files(written)
             except Exception as exc:
                 for job in written:
                     job.error = exc
@@ -522,27 +522,9 @@ class Spool:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                     loop.call_soon_threadsafe(_settle, jobs)
 
-    def _flush_files(self, jobs: list[_Job]) -> bool:
-        """Make the batch's files durable (before any of them is acknowledged). True when
-        that covered the directory too: syncfs writes back every dirty inode of the file
-        system, the spool directory's included, and commits the journal, so a separate
-        directory fsync would only cost one more device flush per batch."""
-        if _SYNCFS is not None:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                if _SYNCFS(fd) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
-            return True
-        for job in jobs:
-            fd = os.open(self._path(job.spool_id, ".eml"), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return False
+    def _flush_files(self, jobs: list[_Job]) -> None:
+        """Make the batch's files and their names durable (before any is acknowledged)."""
+        self._flush_paths([self._path(job.spool_id, ".eml") for job in jobs])
 
     def _discard(self, spool_id: str) -> None:
         """Take back an unacknowledged store."""
@@ -641,7 +623,10 @@ class Spool:
         jnl.remove_segment(segment)
 
     def _flush_paths(self, paths: list[Path]) -> None:
-        """Make new files in the spool durable (and their names)."""
+        """Make new files in the spool durable, and their names: syncfs writes back every
+        dirty inode of the file system, the spool directory's included, and commits its
+        journal, so a separate directory fsync would only cost one more device flush.
+        Where syncfs cannot report errors: each file's fsync, then the directory's."""
         if _SYNCFS is not None:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
