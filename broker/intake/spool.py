@@ -563,30 +563,35 @@ class Spool:
             return 0
         with self._materialising, jnl.materialise_lock(self.journal_dir):
             found = jnl.segments(self.journal_dir)
-            created: list[Path] = []
+            created = 0
+            # Every file a record stands for, made now or found complete: one left by a
+            # materialiser that died before its flush must be flushed before the
+            # position moves past its record.
+            files: list[Path] = []
             progress: list[tuple[Path, int, int]] = []  # segment, start, end
             try:
                 for segment in found:
                     start = end = jnl.read_position(segment)
                     progress.append((segment, start, end))
                     for spool_id, data, after in jnl.read_records(segment, start):
-                        if _ID_RE.match(spool_id) and self._put_file(spool_id, data):
-                            created.append(self._path(spool_id, ".eml"))
+                        if _ID_RE.match(spool_id):
+                            created += self._put_file(spool_id, data)
+                            files.append(self._path(spool_id, ".eml"))
                         end = after
                         progress[-1] = (segment, start, end)
             except OSError as exc:  # a full disk: keep what was made, go on next time
                 log.warning("spool: could not materialise journal records: %s",
                             exc.strerror or type(exc).__name__)
                 found = []  # no segment is finished this time
-            if created:
-                self._flush_paths(created)
+            if files:
+                self._flush_paths(files)
             newest = found[-1] if found else None
             for segment, start, end in progress:
                 if segment in found and segment != newest:
                     self._finish_segment(segment, end)
                 elif end != start:
                     jnl.write_position(segment, end)
-            return len(created)
+            return created
 
     def _put_file(self, spool_id: str, data: bytes) -> bool:
         """One record as its spool file; False when that file is already complete."""
@@ -637,7 +642,10 @@ class Spool:
                 os.close(fd)
             return
         for path in paths:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # taken in and removed meanwhile: nothing left to flush
             try:
                 os.fsync(fd)
             finally:
