@@ -198,6 +198,11 @@ class Settings:
     claim_lease: float = 600.0
     # How often the timer looks for expired holds, in seconds.
     expiry_interval: float = 60.0
+    # [smtp] burst_rate, burst_wait: while more than burst_rate messages a second arrive,
+    # the workers wait (at most burst_wait seconds per burst) and the intake has the
+    # machine (broker.intake.burst). burst_rate = 0 turns this off.
+    burst_rate: float = 200.0
+    burst_wait: float = 5.0
     # [limits]: hostile or broken input gets a clear answer, never a crash (see the template).
     limits: Limits = field(default_factory=Limits)
     # [imap]: a mailbox to watch (broker.intake.imap); None when the section is absent.
@@ -297,6 +302,12 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
     ):
         raise ConfigError(f"{source}: outbox.retry_schedule must be a list of seconds")
     size = need(smtp, "max_message_size", int, "smtp.") or 25 * 1024 * 1024
+    burst_rate = need(smtp, "burst_rate", float, "smtp.")
+    burst_wait = need(smtp, "burst_wait", float, "smtp.")
+    if burst_rate is not None and burst_rate < 0:
+        raise ConfigError(f"{source}: smtp.burst_rate must be >= 0 (0 turns it off)")
+    if burst_wait is not None and burst_wait <= 0:
+        raise ConfigError(f"{source}: smtp.burst_wait must be a positive number of seconds")
     limits = _limits(raw.get("limits", {}), source)
     return Settings(
         home=home,
@@ -316,6 +327,8 @@ def from_mapping(home: Path, raw: dict, source: str = CONFIG_NAME) -> Settings:
         give_up_after=need(outbox, "give_up_after", float, "outbox.") or 3 * 24 * 3600.0,
         claim_lease=need(outbox, "claim_lease", float, "outbox.") or 600.0,
         expiry_interval=need(hold, "check_interval", float, "hold.") or 60.0,
+        burst_rate=Settings.burst_rate if burst_rate is None else burst_rate,
+        burst_wait=Settings.burst_wait if burst_wait is None else burst_wait,
         limits=limits,
         imap=_imap(raw.get("imap"), home, source),
     )
@@ -433,6 +446,11 @@ max_message_size = {max_size}
 # "smtp", or "lmtp" when the MTA in front hands mail over with LMTP
 # (Postfix: lmtp:inet:HOST:PORT in its transport map).
 protocol = "smtp"
+# Bursts: while more than burst_rate messages a second arrive, the pipeline waits
+# (at most burst_wait seconds per burst) so the intake answers first; the mail is
+# safe in the spool meanwhile. burst_rate = 0 turns this off.
+burst_rate = 200
+burst_wait = 5
 
 [limits]
 # What one message or one client may ask of the broker. Refused at SMTP, so the

@@ -21,6 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from broker.config import Settings
 from broker.db.models import Child, Inbound
+from broker.intake.burst import BurstDeferral
 from broker.intake.imap import STATE_NAME, ImapFetcher
 from broker.intake.pipeline import Pipeline
 from broker.intake.smtp import IntakeHandler, IntakeServer, address_acceptor
@@ -29,6 +30,8 @@ from broker.runtime import Runtime
 from broker.schedule.run import run_schedule
 
 log = logging.getLogger(__name__)
+# How long a deferred pipeline round waits before it looks again.
+BURST_TICK = 0.05
 
 
 # Errors that mean "the database cannot be reached or cannot write", as opposed to a bug.
@@ -202,6 +205,11 @@ class Service:
             # six of those. Switching more often costs the pipeline little.
             sys.setswitchinterval(0.0005)
         self.sender = OutboxSender(self.rt)
+        # Counts the stored messages announced to this process's pipelines (in the
+        # worker process: those the intake process announces through the pipe).
+        self.burst = (BurstDeferral(settings.burst_rate, settings.burst_wait)
+                      if settings.burst_rate > 0 else None)
+        self._deferring = False
         self.gate = DatabaseGate()
         self.slugs = SlugCache(self.rt, gate=self.gate)
         local_pipeline = "pipeline" in roles
@@ -253,13 +261,28 @@ class Service:
 
     def notify(self, spool_id: str) -> None:
         """A message was stored: both pipelines look (each takes only its sizes)."""
+        if self.burst is not None:
+            self.burst.arrived()
         for pipeline, wake in ((self.pipeline, self.pipeline_wake),
                                (self.large_pipeline, self.large_wake)):
             pipeline.notify(spool_id)
             wake.set()
 
     def _pipeline_step(self, pipeline: Pipeline) -> int:
-        """One pipeline round, telling the gate whether the database took the work."""
+        """One pipeline round, telling the gate whether the database took the work;
+        none while the intake is in a burst (broker.intake.burst)."""
+        if self.burst is not None:
+            deferring = self.burst.defer()
+            if deferring != self._deferring:
+                self._deferring = deferring
+                if deferring:
+                    log.info("intake burst: the pipeline waits (at most %g s)",
+                             self.burst.longest)
+                else:
+                    log.info("the pipeline takes the spool in again")
+            if deferring:
+                self.stop_event.wait(BURST_TICK)
+                return 0
         try:
             did = pipeline.run_once()
         except DB_DOWN_ERRORS:
