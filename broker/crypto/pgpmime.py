@@ -38,13 +38,14 @@ from email.parser import BytesParser
 
 from broker.crypto import pgp
 from broker.crypto.pgp import KeyLike, PGPError, Verified
+from broker.mail import headers
 
 __all__ = [
     "Opened", "PGPError", "encrypt_bytes", "encrypt_message", "open_message", "sign_bytes",
     "sign_message",
 ]
 
-_POLICY = policy.SMTP  # CRLF line ends
+_POLICY = headers.SMTP  # CRLF line ends, header objects made once per text
 _PROTECTED = ("From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID")
 
 

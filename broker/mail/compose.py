@@ -13,11 +13,11 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from email import policy
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
 
 from broker.mail.document import Attachment
+from broker.mail.headers import SMTP
 
 # Review tokens: 160 random bits written as lower-case base32 without padding.
 TOKEN_RE = re.compile(r"[a-z2-7]{32}")
@@ -261,7 +261,7 @@ def compose(
     Content-Disposition (RFC 2231 for non-ASCII names). ``auto_submitted`` (RFC 3834) also
     adds ``X-Auto-Response-Suppress: All`` so Exchange out-of-office replies stay away.
     """
-    msg = EmailMessage(policy=policy.SMTP)
+    msg = EmailMessage(policy=SMTP)
     msg["From"] = formataddr((_one_line(from_name), _check_address(from_addr, "from_addr")))
     to_addr = _check_address(to, "to")
     msg["To"] = formataddr((_one_line(to_name), to_addr)) if to_name.strip() else to_addr
@@ -304,7 +304,7 @@ def compose(
     if msg.is_multipart():
         for part in msg.iter_parts():
             del part["MIME-Version"]  # only the top level carries it
-    return msg.as_bytes(policy=policy.SMTP)
+    return msg.as_bytes(policy=SMTP)
 
 
 def compose_notice(

@@ -1,0 +1,78 @@
+"""The outgoing-mail policy with header objects made once per text writes exactly the bytes
+the stdlib's ``policy.SMTP`` writes: for every message the broker composes, and for
+real-world mail parsed and written out again (the PGP/MIME signer's path)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.mail import compose as mc
+from broker.mail import headers
+from broker.mail.document import Attachment
+
+WHEN = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
+texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=120)
+names = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=40)
+
+
+def _review(subject: str, name: str, text: str, filename: str) -> bytes:
+    random.seed(7)  # the MIME boundary is random
+    return mc.compose_review_request(
+        child_name=name or "Sam", slug="sam", domain="records.example", token="a" * 32,
+        to="dana@home.example", to_name=name, subject=subject, text=text, seq=2,
+        date=WHEN, attachments=(Attachment(label="", filename=filename or "note.txt",
+                                           content_type="text/plain", size=3, data=b"abc"),))
+
+
+@settings(max_examples=150, deadline=None)
+@given(subject=texts, name=names, text=texts, filename=names)
+def test_composed_mail_is_byte_for_byte_what_the_stdlib_policy_writes(
+        subject: str, name: str, text: str, filename: str,
+        monkeypatch_module: pytest.MonkeyPatch) -> None:
+    cached = _review(subject, name, text, filename)
+    with monkeypatch_module.context() as m:
+        m.setattr(mc, "SMTP", policy.SMTP)
+        stock = _review(subject, name, text, filename)
+    assert cached == stock
+    # ...and again, now that every header of it is in the cache.
+    assert _review(subject, name, text, filename) == stock
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> pytest.MonkeyPatch:
+    return pytest.MonkeyPatch()
+
+
+def test_real_world_mail_parses_and_writes_out_the_same(corpus: Path) -> None:
+    files = sorted(p for d in ("mime", "malformed") for p in (corpus / d).rglob("*")
+                   if p.is_file() and p.suffix in (".eml", ".txt", ".msg", ""))
+    assert len(files) > 50
+    compared = 0
+    for path in files:
+        raw = path.read_bytes()
+        outs = []
+        for pol in (policy.SMTP, headers.SMTP, headers.SMTP):  # the second: from the cache
+            try:
+                outs.append(BytesParser(policy=pol).parsebytes(raw).as_bytes(policy=pol))
+            except Exception as exc:  # the stdlib itself fails on some broken mail
+                outs.append(type(exc).__name__.encode())
+        assert outs[0] == outs[1] == outs[2], path.name
+        compared += 1
+    assert compared == len(files)
+
+
+def test_only_short_values_are_kept() -> None:
+    headers._header.cache_clear()
+    headers.SMTP.header_factory("Subject", "x" * headers.CACHE_LONGEST)
+    headers.SMTP.header_factory("Subject", "x" * (headers.CACHE_LONGEST + 1))
+    assert headers._header.cache_info().currsize == 1
+    first = headers.SMTP.header_factory("To", "dana@home.example")
+    assert headers.SMTP.header_factory("To", "dana@home.example") is first
