@@ -5,6 +5,7 @@ segments. Real files, real SMTP (aiosmtpd on 127.0.0.1), a real process killed w
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import smtplib
@@ -308,3 +309,24 @@ def test_message_in_the_journal_survives_sigkill_right_after_250(tmp_path: Path)
     fresh = Spool(root)  # a reader: no journal writer of its own
     fresh.cleanup_partial()
     assert {e.id: fresh.read(e.id) for e in fresh.pending()} == acked
+
+
+def test_a_failed_flush_fails_its_stores_voids_them_and_the_next_use_a_new_segment(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    [ok] = _store_async(spool, [_raw(1)])
+    _wait_for_spare(spool)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(jnl, "_fdatasync", failing)
+    failed = _store_async(spool, [_raw(2), _raw(3)])
+    assert all(isinstance(f, OSError) for f in failed), failed
+    monkeypatch.undo()
+    [later] = _store_async(spool, [_raw(4)])
+    assert isinstance(later, str)
+    assert len(jnl.segments(spool.journal_dir)) == 2
+    # The failed batch is void: nothing of it is ever taken in (its senders got 451).
+    listed = [e.id for e in spool.pending()]
+    assert sorted(spool.read(i) for i in listed) == sorted([_raw(0), _raw(1), _raw(4)])
+    assert {ok, later} <= set(listed)
