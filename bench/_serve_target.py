@@ -52,6 +52,8 @@ def main() -> int:
     p.add_argument("--role", action="append", default=[])
     p.add_argument("--single-process", action="store_true",
                    help="every role in the one `broker serve` process")
+    p.add_argument("--burst-rate", type=float, default=None,
+                   help="[smtp] burst_rate for this home (0: the pipeline never waits)")
     args = p.parse_args()
     relay_port = _free_port()
     sink = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_sink.py")),
@@ -65,7 +67,10 @@ def main() -> int:
     # The bench's one client address stands for many senders (or a local MTA in front):
     # the per-address session limit (20 by default) would refuse the 50-session runs.
     toml = home / "broker.toml"
-    toml.write_text(toml.read_text().replace("limit_loopback = true", "limit_loopback = false"))
+    text = toml.read_text().replace("limit_loopback = true", "limit_loopback = false")
+    if args.burst_rate is not None:
+        text = text.replace("burst_rate = 200", f"burst_rate = {args.burst_rate:g}")
+    toml.write_text(text)
     team = args.home / "team.toml"
     team.write_text(TEAM)
     subprocess.run([*broker, "apply", str(team)], env=env, check=True, stdout=subprocess.DEVNULL)

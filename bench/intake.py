@@ -8,8 +8,11 @@ drift on the machine hits all of them):
     aiosmtpd-sink  a bare aiosmtpd server that answers 250 and keeps nothing (bench/_sink.py)
     smtp-sink      Postfix's smtp-sink, a second anchor in C (when /usr/sbin/smtp-sink exists)
     broker         `broker serve` as installed: the intake process answers 250 once the mail
-                   is sealed and flushed to the spool, while its worker process (pipeline,
-                   outbox, scheduler) takes the spool into the database at the same time
+                   is sealed and flushed to the spool; its worker process (pipeline,
+                   outbox, scheduler) takes the spool into the database, waiting while
+                   the run is a burst (over [smtp] burst_rate, broker.intake.burst)
+    broker-noburst (--targets) `broker serve` with [smtp] burst_rate = 0: its worker takes
+                   the spool in during a burst instead of waiting for its end
     broker-1proc   `broker serve --single-process`: every role in one process
     broker-intake  (--targets) `broker serve --role intake` with no pipeline anywhere: what
                    the intake alone costs (sealing, flushing, the database-backed RCPT check)
@@ -59,6 +62,8 @@ TEMPLATES = {
     "smtp-sink": SMTP_SINK + (" -u nobody" if os.geteuid() == 0 else "") + " 127.0.0.1:{port} 256",
     "broker": "{python} " + shlex.quote(str(HERE / "_serve_target.py"))
     + " --home {home} --port {port}",
+    "broker-noburst": "{python} " + shlex.quote(str(HERE / "_serve_target.py"))
+    + " --home {home} --port {port} --burst-rate 0",
     "broker-1proc": "{python} " + shlex.quote(str(HERE / "_serve_target.py"))
     + " --home {home} --port {port} --single-process",
     "broker-intake": "{python} " + shlex.quote(str(HERE / "_serve_target.py"))
@@ -67,7 +72,8 @@ TEMPLATES = {
     " --slug sam --port {port}",
 }
 # Where each target's spool is, to wait for the pipeline between runs (None: nothing to wait).
-SPOOLS = {"broker": "broker/spool", "broker-1proc": "broker/spool"}
+SPOOLS = {"broker": "broker/spool", "broker-noburst": "broker/spool",
+          "broker-1proc": "broker/spool"}
 
 
 def make_message(size: int) -> bytes:
