@@ -282,6 +282,9 @@ class Service:
                     log.info("the pipeline takes the spool in again")
             if deferring:
                 self.stop_event.wait(BURST_TICK)
+                # Look again right after the tick, not after the idle poll: the burst's
+                # last announcement may already have been taken.
+                (self.pipeline_wake if pipeline is self.pipeline else self.large_wake).set()
                 return 0
         try:
             did = pipeline.run_once()

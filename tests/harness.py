@@ -131,8 +131,10 @@ def team_runtime(home: Path, db_url: str) -> Runtime:
 
 
 class World:
-    def __init__(self, home: Path, db_url: str, team: str = TEAM, **settings: object) -> None:
+    def __init__(self, home: Path, db_url: str, team: str = TEAM, poll: float = 0.1,
+                 **settings: object) -> None:
         self.home = home
+        self.poll = poll  # the workers' idle poll (seconds)
         self.sink = Sink()
         self.relay_port = free_port()
         self.relay = Controller(self.sink, hostname="127.0.0.1", port=self.relay_port)
@@ -159,7 +161,7 @@ class World:
         return self
 
     def start_broker(self) -> None:
-        self.service = Service(self.settings, poll=0.1)
+        self.service = Service(self.settings, poll=self.poll)
         self.service.start()
 
     def stop_broker(self) -> None:

@@ -189,3 +189,21 @@ def test_burst_rate_zero_never_defers(tmp_path: Path, db_url: str) -> None:
         w.wait_state("awaiting_review")
     finally:
         w.stop()
+
+
+def test_the_pipeline_starts_when_the_burst_ends_not_at_its_next_idle_poll(
+        tmp_path: Path, db_url: str) -> None:
+    w = World(tmp_path / "home", db_url, poll=30.0, burst_rate=5.0).start()
+    try:
+        assert w.service is not None
+        w.service.burst = BurstDeferral(rate=1, longest=30, window=0.5)
+        sent: list[str] = []
+        _flood(w, 6, 0.05, sent)
+        ended = time.monotonic()
+        while len(w.records()) < len(sent) and time.monotonic() - ended < 20:
+            time.sleep(0.05)
+        took = time.monotonic() - ended
+        assert len(w.records()) == len(sent)
+        assert took < 10, f"taken in {took:.1f} s after the burst: it waited for the poll"
+    finally:
+        w.stop()
