@@ -76,12 +76,12 @@ class ContentStore:
         (it exists exactly when the rows that refer to it commit)."""
         ref = self.vault.ref(data)
         if session is not None and self.db is not None and len(data) <= self.inline_limit:
-            if session.get(ContentBlob, ref) is None:
-                sealed = base64.b64encode(self.vault.seal(data)).decode("ascii")
-                # Another process may be storing the same bytes in its own open
-                # transaction: the one that commits second keeps the first one's row
-                # instead of failing its whole batch on the primary key.
-                session.execute(_insert_if_absent(session, ref, sealed))
+            # No look first: content already stored (here, or by another process in its
+            # own open transaction) keeps its row, and the one that commits second does
+            # not fail its whole batch on the primary key. Sealing small content again
+            # costs microseconds; the look cost a query, several per record.
+            sealed = base64.b64encode(self.vault.seal(data)).decode("ascii")
+            session.execute(_insert_if_absent(session, ref, sealed))
             return ref
         path = self._path(ref)
         if path.exists():
