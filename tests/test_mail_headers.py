@@ -76,3 +76,16 @@ def test_only_short_values_are_kept() -> None:
     assert headers._header.cache_info().currsize == 1
     first = headers.SMTP.header_factory("To", "dana@home.example")
     assert headers.SMTP.header_factory("To", "dana@home.example") is first
+
+
+def test_a_folded_header_is_kept_per_folding_setting() -> None:
+    subject = "Review needed: Sam's weekly OT note, with a long tail " * 3
+    narrow = headers.SMTP.clone(max_line_length=40)
+    stock_narrow = policy.SMTP.clone(max_line_length=40)
+    header = headers.SMTP.header_factory("Subject", subject[:200])
+    for _ in range(2):  # the second time from the header object's own store
+        assert headers.SMTP.fold_binary("Subject", header) == \
+            policy.SMTP.fold_binary("Subject", policy.SMTP.header_factory("Subject", subject[:200]))
+        assert narrow.fold_binary("Subject", header) == \
+            stock_narrow.fold_binary("Subject", header)
+    assert len(header.__dict__[headers._FOLDED]) == 2

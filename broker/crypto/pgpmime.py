@@ -222,14 +222,31 @@ def _signed_part_bytes(raw: bytes, boundary: str | None) -> bytes:
         raise PGPError("multipart/signed without boundary")
     raw = _canonical(raw)
     delim = b"--" + boundary.encode("ascii", "replace")
-    m = re.search(rb"(?:^|\r\n)" + re.escape(delim) + rb"[ \t]*\r\n", raw)
-    if m is None:
+    start = _after_first_delimiter(raw, delim)
+    if start < 0:
         raise PGPError("multipart/signed: first boundary not found")
-    start = m.end()
     end = raw.find(b"\r\n" + delim, start)
     if end < 0:
         raise PGPError("multipart/signed: closing boundary not found")
     return raw[start:end]
+
+
+def _after_first_delimiter(raw: bytes, delim: bytes) -> int:
+    r"""Where the line after the first delimiter line starts, or -1: the first ``delim`` at
+    the start of ``raw`` or of a line, then transport padding (spaces, tabs) and CRLF.
+    What ``re.search(rb"(?:^|\r\n)" + re.escape(delim) + rb"[ \t]*\r\n", raw)`` finds,
+    without compiling a pattern for every boundary (each one is new: a compile per
+    message, a fifth of a millisecond)."""
+    at = raw.find(delim)
+    while at >= 0:
+        if at == 0 or (at >= 2 and raw[at - 2:at] == b"\r\n"):
+            end = at + len(delim)
+            while end < len(raw) and raw[end] in b" \t":
+                end += 1
+            if raw.startswith(b"\r\n", end):
+                return end + 2
+        at = raw.find(delim, at + 1)
+    return -1
 
 
 def _parse(raw: bytes) -> EmailMessage:

@@ -1,4 +1,5 @@
-"""The email policy for the broker's own outgoing mail: header objects made once per text.
+"""The email policy for the broker's own outgoing mail: header objects made, and written
+out, once per text.
 
 The stdlib's ``policy.SMTP`` parses a header value into an object each time one is set
 and each time one is read back from a parsed message: the generator asks a part for its
@@ -8,6 +9,11 @@ signing, 3.6 ms -> 2.1 ms per message with this policy). Header objects are immu
 strings with their parse, so one object can serve every message that carries the same
 text: the broker's own From, Content-Type and Auto-Submitted repeat on every message it
 sends, and within one message each read is the same text again.
+
+Writing a header object out (folding it to lines) walks its parse again every time; the
+folded bytes are kept on the object too, per folding setting, since the object never
+changes. Raw header strings (those of a parsed message) are written as the stdlib writes
+them: they are not folded again unless too long.
 
 Only short values are kept (a subject or an address list, not a long References chain),
 and at most ``CACHE_SIZE`` of them, so the memory held is small and bounded whatever
@@ -19,6 +25,8 @@ from __future__ import annotations
 import functools
 from email import policy
 from email.headerregistry import BaseHeader, HeaderRegistry
+from email.policy import EmailPolicy
+from typing import Any
 
 CACHE_SIZE = 1024
 CACHE_LONGEST = 256  # characters of a value kept
@@ -40,5 +48,23 @@ class CachedHeaderRegistry(HeaderRegistry):
         return super().__call__(name, value)
 
 
-# ``policy.SMTP`` (CRLF line ends) with the cached registry: the same bytes, made faster.
-SMTP = policy.SMTP.clone(header_factory=CachedHeaderRegistry())
+_FOLDED = "_broker_folded"  # on a header object: {folding settings: bytes}
+
+
+class CachedFoldPolicy(EmailPolicy):
+    """EmailPolicy whose header objects are folded once per folding setting."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if not hasattr(value, "name"):  # a raw string, as a parsed message holds them
+            return super().fold_binary(name, value)
+        key = (name, self.max_line_length, self.linesep, self.utf8, self.cte_type)
+        folded = value.__dict__.setdefault(_FOLDED, {})
+        out = folded.get(key)
+        if out is None:
+            out = folded[key] = super().fold_binary(name, value)
+        return out
+
+
+# ``policy.SMTP`` (CRLF line ends) with the cached registry and folding: the same bytes,
+# made faster.
+SMTP = CachedFoldPolicy(**{**policy.SMTP.__dict__, "header_factory": CachedHeaderRegistry()})
