@@ -69,6 +69,8 @@ def main() -> int:
     toml = home / "broker.toml"
     text = toml.read_text().replace("limit_loopback = true", "limit_loopback = false")
     if args.burst_rate is not None:
+        if "burst_rate = 200" not in text:
+            raise SystemExit("broker.toml has no `burst_rate = 200` line to change")
         text = text.replace("burst_rate = 200", f"burst_rate = {args.burst_rate:g}")
     toml.write_text(text)
     team = args.home / "team.toml"

@@ -83,10 +83,10 @@ def test_bad_parameters_are_refused() -> None:
 # --------------------------------------------------------------------------- settings
 
 
-def _settings(tmp_path: Path, smtp: str) -> config.Settings:
+def _written_settings(tmp_path: Path) -> config.Settings:
+    """What `broker init` writes, loaded back."""
     text = config.render_config(domain=DOMAIN, listen="127.0.0.1:0", relay="127.0.0.1:25",
                                 auth="token")
-    text = text.replace("[smtp]\n", "[smtp]\n" + smtp, 1)
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     (home / config.CONFIG_NAME).write_text(text)
@@ -94,7 +94,7 @@ def _settings(tmp_path: Path, smtp: str) -> config.Settings:
 
 
 def test_the_written_config_has_the_defaults_and_zero_turns_it_off(tmp_path: Path) -> None:
-    written = _settings(tmp_path, "")
+    written = _written_settings(tmp_path)
     assert (written.burst_rate, written.burst_wait) == (200.0, 5.0)
     text = (tmp_path / "home" / config.CONFIG_NAME).read_text()
     assert "burst_rate = 200" in text and "burst_wait = 5" in text
@@ -138,7 +138,9 @@ def test_reports_in_a_burst_wait_in_the_spool_and_are_all_taken_in_after(
     """Provider's system sends a burst -> every report gets its 250 -> while the burst
     lasts no record is made -> the burst ends -> every report is a record, one review
     request each."""
-    assert world.service is not None
+    assert world.service is not None and world.service.burst is not None
+    # The configured values reach the service: 5 a second over 0.2 s is one arrival.
+    assert (world.service.burst.count, world.service.burst.longest) == (1, 30.0)
     # Any arrival within a second is a burst: a wide window, so a slow machine's pause
     # between two sends does not end it.
     world.service.burst = BurstDeferral(rate=1, longest=30, window=1.0)

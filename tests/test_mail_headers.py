@@ -35,20 +35,15 @@ def _review(subject: str, name: str, text: str, filename: str) -> bytes:
 @settings(max_examples=150, deadline=None)
 @given(subject=texts, name=names, text=texts, filename=names)
 def test_composed_mail_is_byte_for_byte_what_the_stdlib_policy_writes(
-        subject: str, name: str, text: str, filename: str,
-        monkeypatch_module: pytest.MonkeyPatch) -> None:
+        subject: str, name: str, text: str, filename: str) -> None:
     cached = _review(subject, name, text, filename)
-    with monkeypatch_module.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(mc, "SMTP", policy.SMTP)
         stock = _review(subject, name, text, filename)
     assert cached == stock
     # ...and again, now that every header of it is in the cache.
     assert _review(subject, name, text, filename) == stock
 
-
-@pytest.fixture(scope="module")
-def monkeypatch_module() -> pytest.MonkeyPatch:
-    return pytest.MonkeyPatch()
 
 
 def test_real_world_mail_parses_and_writes_out_the_same(corpus: Path) -> None:
@@ -70,10 +65,11 @@ def test_real_world_mail_parses_and_writes_out_the_same(corpus: Path) -> None:
 
 
 def test_only_short_values_are_kept() -> None:
-    headers._header.cache_clear()
+    registry = headers.SMTP.header_factory
+    registry.cached.cache_clear()
     headers.SMTP.header_factory("Subject", "x" * headers.CACHE_LONGEST)
     headers.SMTP.header_factory("Subject", "x" * (headers.CACHE_LONGEST + 1))
-    assert headers._header.cache_info().currsize == 1
+    assert registry.cached.cache_info().currsize == 1
     first = headers.SMTP.header_factory("To", "dana@home.example")
     assert headers.SMTP.header_factory("To", "dana@home.example") is first
 

@@ -31,20 +31,18 @@ from typing import Any
 CACHE_SIZE = 1024
 CACHE_LONGEST = 256  # characters of a value kept
 
-_registry = HeaderRegistry()
-
-
-@functools.lru_cache(maxsize=CACHE_SIZE)
-def _header(name: str, value: str) -> BaseHeader:
-    return _registry(name, value)
-
 
 class CachedHeaderRegistry(HeaderRegistry):
-    """The stdlib registry, answering repeated (name, value) pairs from a bounded cache."""
+    """The stdlib registry, answering repeated (name, value) pairs from a bounded cache
+    of its own answers (so a class mapped on this registry is what the cache holds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cached = functools.lru_cache(maxsize=CACHE_SIZE)(super().__call__)
 
     def __call__(self, name: str, value: str) -> BaseHeader:
         if type(value) is str and len(value) <= CACHE_LONGEST:
-            return _header(name, value)
+            return self.cached(name, value)
         return super().__call__(name, value)
 
 
