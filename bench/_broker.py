@@ -63,6 +63,7 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "single": (("--single-process",),),
     "split": (("intake",), ("pipeline", "outbox", "expiry")),
     "split2": (("intake",), ("pipeline", "outbox", "expiry"), ("pipeline",)),
+    "split3": (("intake",), ("pipeline", "expiry"), ("outbox",)),
 }
 
 

@@ -194,7 +194,7 @@ class Service:
         self.sender_wake = threading.Event()
         # Two pipelines split the spool by size, each on its own thread: a 25 MB report
         # takes seconds to take in, and the small records behind it must not wait (its
-        # slow part runs outside the transaction, see Pipeline._prepare).
+        # slow part runs outside the transaction, see Pipeline._parse_large).
         self.pipeline = Pipeline(self.rt, sizes="small")
         self.large_pipeline = Pipeline(self.rt, sizes="large")
         self.pipeline.on_commit = self.large_pipeline.on_commit = self.sender_wake.set

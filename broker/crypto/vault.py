@@ -40,11 +40,14 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -55,7 +58,9 @@ VERSION = 1
 KEY_ID_LEN = 4
 NONCE_LEN = 12
 HEADER_LEN = len(MAGIC) + 1 + KEY_ID_LEN  # authenticated as associated data
-OVERHEAD = HEADER_LEN + NONCE_LEN + 16
+TAG_LEN = 16
+OVERHEAD = HEADER_LEN + NONCE_LEN + TAG_LEN
+PIECE = 1 << 20  # plaintext handed out at a time by Vault.open_pieces
 TEXT_PREFIX = "QlJLU"  # base64 of b"BRKS" followed by anything
 ENV_VAR = "BROKER_CONTENT_KEY"
 KEY_DIR = "keys"
@@ -141,6 +146,7 @@ class Vault:
         self.ref_key = ref_key
         self.source = source
         self._by_id = {k.id: AESGCM(k.key) for k in keys}
+        self._keys_by_id = {k.id: k for k in keys}
         if len(self._by_id) != len(keys):
             raise VaultError("two keys of the keyring share an id; generate another key")
         self._current = keys[-1]
@@ -173,24 +179,63 @@ class Vault:
         nonce = os.urandom(NONCE_LEN)
         return header + nonce, self._current_aead.encrypt(nonce, data, header)
 
-    def open(self, blob: bytes) -> bytes:
+    def _check_header(self, blob: bytes) -> bytes:
+        """The key id of a sealed blob this keyring can open (SealError saying why not)."""
         kid = blob_key_id(blob)
         if kid is None:
             raise SealError("not sealed content (no vault header): the bytes were replaced "
                             "or were never encrypted")
         if blob[len(MAGIC)] != VERSION:
             raise SealError(f"sealed with an unknown format version {blob[len(MAGIC)]}")
-        aead = self._by_id.get(kid)
-        if aead is None:
+        if kid not in self._by_id:
             raise SealError(
                 f"sealed with key {kid.hex()}, which is not in this keyring "
                 f"({', '.join(k.hex_id for k in self.keys)}; keys from {self.source or '?'}): "
                 "wrong BROKER_CONTENT_KEY or keys/content.key?")
+        return kid
+
+    def open(self, blob: bytes) -> bytes:
+        kid = self._check_header(blob)
+        aead = self._by_id[kid]
         view = memoryview(blob)  # slices of a view copy nothing (25 MB mail)
         header = bytes(view[:HEADER_LEN])
         nonce = bytes(view[HEADER_LEN : HEADER_LEN + NONCE_LEN])
         try:
             return aead.decrypt(nonce, view[HEADER_LEN + NONCE_LEN :], header)
+        except InvalidTag as exc:
+            raise SealError(f"sealed content under key {kid.hex()} failed authentication: "
+                            "it was altered or damaged") from exc
+
+    def open_pieces(self, f: BinaryIO, length: int, piece: int = PIECE) -> Iterator[bytes]:
+        """:meth:`open` of the ``length`` sealed bytes at ``f``'s position, handed out a
+        piece of plaintext at a time as it is decrypted: a reader such as the MIME parser
+        then never holds the whole message beside its own copy of it (25 MB mail).
+
+        The tag is checked after the last piece. A SealError then (altered or damaged
+        bytes) means that everything made from the pieces must be thrown away unused:
+        the caller learns of it only at the end, as with any stream."""
+        start = f.tell()
+        head = f.read(HEADER_LEN + NONCE_LEN)
+        if length < OVERHEAD or len(head) < HEADER_LEN + NONCE_LEN:
+            raise SealError("not sealed content (too short): the bytes were replaced")
+        kid = self._check_header(head + bytes(TAG_LEN))
+        f.seek(start + length - TAG_LEN)
+        tag = f.read(TAG_LEN)
+        if len(tag) != TAG_LEN:
+            raise SealError("sealed content that ends early: it was cut short")
+        f.seek(start + HEADER_LEN + NONCE_LEN)
+        decryptor = Cipher(algorithms.AES(self._keys_by_id[kid].key),
+                           modes.GCM(head[HEADER_LEN:], tag)).decryptor()
+        decryptor.authenticate_additional_data(head[:HEADER_LEN])
+        left = length - OVERHEAD
+        while left > 0:
+            chunk = f.read(min(piece, left))
+            if not chunk:
+                raise SealError("sealed content that ends early: it was cut short")
+            left -= len(chunk)
+            yield decryptor.update(chunk)
+        try:
+            decryptor.finalize()
         except InvalidTag as exc:
             raise SealError(f"sealed content under key {kid.hex()} failed authentication: "
                             "it was altered or damaged") from exc

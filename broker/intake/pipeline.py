@@ -8,6 +8,7 @@ any point neither loses a message nor processes it twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import email
@@ -165,40 +166,70 @@ class Pipeline:
         that fails is kept as a failed inbound row without undoing the others; the
         spool files go only after the commit."""
         readable: list[tuple[SpoolEntry, bytes]] = []
+        prepared: dict[str, Prepared] = {}
         for entry in entries:
             try:
-                readable.append((entry, self.rt.spool.read(entry.id)))
+                raw = self.rt.spool.read(entry.id)
+                if len(raw) > LARGE:
+                    ready = self._store_large(raw)
+                    # Not held while the parser makes its own copy (some 2.6x the
+                    # message): read again, whole, for the transaction after, into one
+                    # buffer (the sealed and the open bytes are never both held).
+                    del raw
+                    if ready is not None:
+                        self._parse_large(entry, ready)
+                        prepared[entry.id] = ready
+                    raw = self.rt.spool.read_buffer(entry.id)
+                readable.append((entry, raw))
             except FileNotFoundError:
                 continue  # another pipeline took it in (and removed it) meanwhile
             except SpoolCorrupt:
                 self._set_aside(entry)
         if not readable:
             return
-        self._prepared = {entry.id: prepared for entry, raw in readable
-                          if len(raw) > LARGE and (prepared := self._prepare(entry, raw))}
+        self._prepared = prepared
         try:
             self._take_in_batch(readable)
         finally:
             self._prepared = {}
 
-    def _prepare(self, entry: SpoolEntry, raw: bytes) -> Prepared | None:
+    def _store_large(self, raw: bytes) -> Prepared | None:
         """The slow, database-free part of taking a large message in, done before the
         transaction: the raw bytes stored (content-addressed, so storing them again in
-        the transaction finds them there) and, for mail to a child's address, the parsed
-        document. Parsing a message that turns out not to be a record is wasted work,
-        never wrong: only a record's path uses the document."""
+        the transaction finds them there)."""
         try:
-            prepared = Prepared(raw_ref=self.rt.content.put(raw))
+            return Prepared(raw_ref=self.rt.content.put(raw))
         except OSError:
             return None  # (a full disk) the transaction stores it, or fails, as before
-        if not self._is_answer(entry.envelope):
-            try:
-                # From the bytes already read: opening the sealed file again, or copying
-                # the bytes into a memory-backed file, would hold a second copy.
-                prepared.doc = parse_message(raw, self.mime_limits)
-            except Exception as exc:  # raised again where the transaction parses
-                prepared.error = exc
-        return prepared
+
+    def _parse_large(self, entry: SpoolEntry, prepared: Prepared) -> None:
+        """For mail to a child's address, the parsed document, before the transaction.
+        Parsing a message that turns out not to be a record is wasted work, never wrong:
+        only a record's path uses the document.
+
+        The parser reads the sealed spool file a piece at a time as it is decrypted:
+        neither a whole plaintext copy nor a memory-backed file is held beside the
+        parser's own. Should the file fail its checks after the last piece, nothing
+        parsed is kept: the transaction reads the file again and sets it aside."""
+        if self._is_answer(entry.envelope):
+            return
+        try:
+            doc = parse_message(lambda: self.rt.spool.read_pieces(entry.id),
+                                self.mime_limits)
+        except (SpoolCorrupt, OSError):
+            return  # the read for the transaction finds the same and says so
+        except Exception as exc:  # raised again where the transaction parses
+            prepared.error = exc
+            return
+        # Attachments too large for the database stored now, as the transaction would
+        # store them (files, content-addressed like the raw bytes, so the transaction
+        # finds them there): not in the transaction, beside the whole message, where a
+        # sealed copy of a 20 MB PDF made the peak.
+        with contextlib.suppress(OSError):  # (a full disk) the transaction tries again
+            for attachment in doc.attachments:
+                if len(attachment.data) > self.rt.content.inline_limit:
+                    self.rt.content.put(attachment.data)
+        prepared.doc = doc
 
     def _take_in_batch(self, readable: list[tuple[SpoolEntry, bytes]]) -> None:
         # Another pipeline's message stays in the spool: its transaction may yet roll back.

@@ -46,12 +46,12 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from broker.intake import journal as jnl
 
@@ -213,6 +213,16 @@ def _file_chunks(envelope: Envelope, stored: tuple[bytes, ...]) -> tuple[bytes, 
     head["stored_length"] = sum(len(c) for c in stored)
     line = json.dumps(head, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return (MAGIC + line + b"\n", *stored)
+
+
+def _file_pieces(f: BinaryIO, length: int, piece: int = 1 << 20) -> Iterator[bytes]:
+    """``length`` bytes from ``f``'s position, a piece at a time."""
+    while length > 0:
+        chunk = f.read(min(piece, length))
+        if not chunk:
+            return  # cut short: the size check after the last piece says so
+        length -= len(chunk)
+        yield chunk
 
 
 def _read_header(path: Path) -> tuple[Envelope, int, int] | None:
@@ -726,6 +736,58 @@ class Spool:
         if len(data) != envelope.size or hashlib.sha256(data).hexdigest() != envelope.sha256:
             raise SpoolCorrupt(f"spool message {spool_id} does not match its envelope")
         return data
+
+    def read_buffer(self, spool_id: str) -> bytearray:
+        """:meth:`read`, decrypted a piece at a time into one buffer: the sealed and the
+        open bytes of a large message are never both in memory (2x a 25 MB message;
+        this way 1x and a piece). A bytearray: the email package, hashing and sealing
+        take it as they take bytes."""
+        header = _read_header(self._path(spool_id, ".eml"))
+        if header is None:
+            raise FileNotFoundError(f"no committed spool message {spool_id}")
+        size = header[0].size
+        buf = bytearray(size)
+        pos = 0
+        for piece in self.read_pieces(spool_id):
+            if pos + len(piece) > size:
+                raise SpoolCorrupt(f"spool message {spool_id} does not match its envelope")
+            buf[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        return buf
+
+    def read_pieces(self, spool_id: str) -> Iterator[bytes]:
+        """:meth:`read` a piece at a time, for a reader that need not hold a large
+        message whole (the MIME parser keeps its own copy). The checks come after the
+        last piece, where SpoolCorrupt means: throw away whatever was made of the
+        pieces (see Vault.open_pieces)."""
+        from broker.crypto.vault import MAGIC as SEALED
+
+        path = self._path(spool_id, ".eml")
+        header = _read_header(path)
+        if header is None:
+            raise FileNotFoundError(f"no committed spool message {spool_id}")
+        envelope, offset, length = header
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                sealed = f.read(len(SEALED)) == SEALED
+                f.seek(offset)
+                if self.vault is not None and sealed:
+                    pieces = self.vault.open_pieces(f, length)
+                else:  # spooled before sealing existed: read as it is
+                    pieces = _file_pieces(f, length)
+                for piece in pieces:
+                    digest.update(piece)
+                    size += len(piece)
+                    yield piece
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # a sealed blob that no longer opens: damaged
+            raise SpoolCorrupt(f"spool message {spool_id} cannot be opened") from exc
+        if size != envelope.size or digest.hexdigest() != envelope.sha256:
+            raise SpoolCorrupt(f"spool message {spool_id} does not match its envelope")
 
     # -- removal ---------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import email
 import email.utils
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from email import policy
 from email.feedparser import BytesFeedParser
@@ -26,6 +27,11 @@ from broker.redact.text import split_paragraphs
 
 FEED_CHUNK = 8192  # as mail-parser reads a file
 
+# A message that can be read a piece at a time, and read again (the fallback parser
+# starts over): the spool's sealed file, decrypted as it is read. Neither the pieces'
+# reader nor the parser then holds the whole message beside the parser's own copy.
+Pieces = Callable[[], Iterable[bytes]]
+
 
 class ParseFailed(Exception):
     """The message could not be read at all."""
@@ -33,6 +39,27 @@ class ParseFailed(Exception):
 
 class LimitExceeded(ParseFailed):
     """The message's MIME structure is beyond a configured limit; str() is the reason."""
+
+
+class _SourceFailed(Exception):
+    """Reading the message failed (its store, not its MIME): the reader's own error is
+    raised to the caller, never taken for malformed mail."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
+def _pieces(source: Pieces) -> Iterator[bytes]:
+    it = iter(source())
+    while True:
+        try:
+            piece = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise _SourceFailed(exc) from exc
+        yield piece
 
 
 @dataclass(frozen=True)
@@ -86,22 +113,25 @@ def _sender(from_header: str) -> tuple[str, str]:
     return name, addr.strip().lower()
 
 
-def _mailparser_from_bytes(data: bytes | bytearray) -> mailparser.MailParser:
+def _mailparser_from_pieces(pieces: Iterable[bytes]) -> mailparser.MailParser:
     """What mail-parser's parse_from_file does with a file, from memory: the stdlib's
     BytesFeedParser fed 8 KB at a time. (Its parse_from_bytes decodes the whole message
     into one text first: one more copy of a 25 MB message, on top of the parser's own.)"""
     parser = BytesFeedParser()
-    view = memoryview(data)
-    for start in range(0, len(view), FEED_CHUNK):
-        parser.feed(bytes(view[start:start + FEED_CHUNK]))
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, len(view), FEED_CHUNK):
+            parser.feed(bytes(view[start:start + FEED_CHUNK]))
     return mailparser.MailParser(parser.close())
 
 
 def _from_mailparser(
-    source: Path | bytes, limits: MimeLimits | None = None
+    source: Path | bytes | Pieces, limits: MimeLimits | None = None
 ) -> tuple[str, str, str, str, list[str], list[str], list[_Part]]:
     if isinstance(source, bytes | bytearray):
-        m = _mailparser_from_bytes(source)
+        m = _mailparser_from_pieces((source,))
+    elif callable(source):
+        m = _mailparser_from_pieces(_pieces(source))
     else:
         m = mailparser.parse_from_file(str(source))
     msg = m.message
@@ -149,24 +179,37 @@ def _from_stdlib(
     return str(msg.get("Subject", "")), name, addr, str(msg.get("Date", "")), plain, html, parts
 
 
-def parse_message(path: Path | bytes, limits: MimeLimits | None = None) -> Document:
+def parse_message(path: Path | bytes | Pieces, limits: MimeLimits | None = None) -> Document:
     """Parse the spooled file at ``path``; or bytes in memory, for decrypted mail, whose
-    plaintext must never be written to disk.
+    plaintext must never be written to disk; or a message read a piece at a time
+    (``Pieces``), whose reader's own errors are raised as they are.
 
     With ``limits``, a structure beyond them raises LimitExceeded (a ParseFailed) naming
     the limit; so does nesting too deep for the parsers' recursion (about 1,000 levels)."""
     try:
+        return _parse(path, limits)
+    except _SourceFailed as exc:
+        raise exc.error from None
+
+
+def _parse(path: Path | bytes | Pieces, limits: MimeLimits | None) -> Document:
+    try:
         subject, name, addr, date, plain, html, parts = _from_mailparser(path, limits)
-    except LimitExceeded:
+    except (LimitExceeded, _SourceFailed):
         raise
     except RecursionError as exc:
         # Nested deeper than Python's recursion limit: the stdlib parser would fail the same way.
         raise _too_deep(limits) from exc
     except Exception:
         try:
-            raw = bytes(path) if isinstance(path, bytes | bytearray) else path.read_bytes()
+            if isinstance(path, bytes | bytearray):
+                raw = bytes(path)
+            elif callable(path):
+                raw = b"".join(_pieces(path))
+            else:
+                raw = path.read_bytes()
             subject, name, addr, date, plain, html, parts = _from_stdlib(raw, limits)
-        except LimitExceeded:
+        except (LimitExceeded, _SourceFailed):
             raise
         except RecursionError as exc:
             raise _too_deep(limits) from exc
