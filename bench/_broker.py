@@ -58,6 +58,8 @@ PG_DEFAULT = os.environ.get("BROKER_TEST_PG_URL",
 #   split   `--role intake` + one `--role pipeline --role outbox --role expiry` process
 #           (no wake-up pipe between them: the workers find new mail by listing the spool)
 #   split2  as split plus a second `--role pipeline` process (PostgreSQL only)
+#   split3  `--role intake` + `--role pipeline --role expiry` + `--role outbox`: the outbox
+#           in a process of its own (measured slower at 35/s and 50/s: docs/performance.md)
 LAYOUTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "serve": ((),),
     "single": (("--single-process",),),
@@ -216,6 +218,37 @@ def database(pg: str | None, tmp: Path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def fill_history(url: str, count: int, days: int = 365) -> None:
+    """``count`` copies the outbox sent before today, spread over ``days`` days: a home
+    in use for a while, not a fresh one. Every query over the outbox then shows what it
+    costs once the history is there (a notice's daily cap, a record's copies)."""
+    import datetime as dt
+    import random
+
+    from sqlalchemy import insert
+
+    from broker.db.models import Delivery
+
+    rnd = random.Random(7)
+    people = [PROVIDER, GUARDIAN, *SCHOOL] + [f"other{k}@example.org" for k in range(200)]
+    today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    db = Database(url)
+    try:
+        for start in range(0, count, 10_000):
+            rows = []
+            for k in range(start, min(count, start + 10_000)):
+                at = today - dt.timedelta(seconds=rnd.randrange(1, days * 86400))
+                rows.append({"kind": rnd.choice(("review", "release", "notice", "receipt")),
+                             "recipient": rnd.choice(people), "message_id": f"<h{k}@{DOMAIN}>",
+                             "content_ref": "0" * 64, "sha256": "0" * 64, "summary": "{}",
+                             "state": "sent", "attempts": 1, "next_attempt_at": at,
+                             "last_error": "", "created_at": at, "sent_at": at})
+            with db.session() as s:
+                s.execute(insert(Delivery), rows)
+    finally:
+        db.dispose()
 
 
 def make_home(home: Path, url: str, relay_port: int, *, pgp_key: bool = True,

@@ -349,6 +349,11 @@ def main_profile(args: argparse.Namespace) -> int:
             B.database(args.pg, Path(tmp)) as url, B.Relay() as relay:
         home = Path(tmp) / "home"
         B.make_home(home, url, relay.port, pgp_key=not args.no_pgp_key)
+        if args.history:
+            t0 = time.perf_counter()
+            B.fill_history(url, args.history)
+            print(f"history: {args.history:,} copies sent before today "
+                  f"(filled in {time.perf_counter() - t0:.1f} s)")
         settings = config.Settings(**{**config.load(home).__dict__, "database_url": url})
         rt = Runtime.open(settings)
         pipeline, sender = Pipeline(rt), OutboxSender(rt)
@@ -453,6 +458,8 @@ def main() -> int:
     p.add_argument("--sweep", type=float, nargs="+", metavar="RATE")
     p.add_argument("--profile", type=int, metavar="N", help="profile N records in-process")
     p.add_argument("--top", type=int, default=30, help="rows of the profile")
+    p.add_argument("--history", type=int, default=0, metavar="N",
+                   help="with --profile: N copies already sent before today (a home in use)")
     p.add_argument("--tmpdir", default=B.default_tmpdir())
     args = p.parse_args()
     if args.layout == "split2" and not args.pg:

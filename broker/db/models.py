@@ -201,6 +201,12 @@ class Delivery(Base):
     so a retry after a crash sends the very same message (same Message-ID)."""
 
     __tablename__ = "deliveries"
+    # Migration 0009: a record's copies (settling a record as each copy is sent, and at
+    # its decision) and the notices to one address today (the daily cap).
+    __table_args__ = (
+        Index("ix_deliveries_record_kind", "record_id", "kind"),
+        Index("ix_deliveries_recipient_created", "recipient", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     # "release:<record>:<email>" for releases: the database refuses a second copy.

@@ -247,9 +247,11 @@ class Notifier:
         now = utcnow()
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         address = address.lower()
-        sent = s.scalar(select(func.count(Delivery.id)).where(
+        # Counted no further than the cap: whether it is reached is all that matters.
+        todays = (select(Delivery.id).where(
             Delivery.recipient == address, Delivery.kind.in_(("notice", "receipt")),
-            Delivery.created_at >= day))
+            Delivery.created_at >= day).limit(self.per_day).subquery())
+        sent = s.scalar(select(func.count()).select_from(todays))
         if (sent or 0) < self.per_day:
             return False
         capped = [address in json.loads(r or "[]") for r in s.scalars(
