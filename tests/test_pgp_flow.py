@@ -7,11 +7,13 @@ authentication approves only with the guardian's signature. gpg plays the outsid
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from email import policy
+from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 
 from broker.crypto import pgp, pgpmime
 from broker.crypto.keys import broker_public_key, create_broker_key
+from broker.intake.pipeline import LARGE
 from tests.harness import DOMAIN, GUARDIAN, TEAM, Received, World, reply_to, report
 from tests.test_pgp import GPG, Gpg
 
@@ -193,9 +196,19 @@ def test_require_encryption_without_key_gets_nothing(tmp_path: Path, db_url: str
 # -- inbound -----------------------------------------------------------------------------
 
 
-def test_encrypted_signed_report_is_decrypted_and_verified(world: World, gpg: Gpg) -> None:
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_encrypted_signed_report_is_decrypted_and_verified(world: World, gpg: Gpg,
+                                                           size: str) -> None:
+    """Large: over 1 MB with its scan, so the large pipeline reads it (into one buffer,
+    not bytes) and the OpenPGP layer must take that as it takes bytes."""
     secret = "Sam described a panic attack before the spelling test."
     entity = _mime(f"Session notes.\n\n{secret}\n")
+    if size == "large":
+        inner = EmailMessage(policy=policy.SMTP)
+        inner.set_content(f"Session notes.\n\n{secret}\n")
+        inner.add_attachment(os.urandom(LARGE), "application", "octet-stream",
+                             filename="scan.bin")
+        entity = inner.as_bytes(policy=policy.SMTP)
     armored = gpg.run("--trust-model", "always", "--sign", "--encrypt", "--armor",
                       "--local-user", gpg.fprs[LEE],  # type: ignore[attr-defined]
                       "--recipient", _broker_fpr(world), input=entity).stdout
@@ -207,10 +220,13 @@ def test_encrypted_signed_report_is_decrypted_and_verified(world: World, gpg: Gp
              f"\r\n--{b}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
            + armored.replace(b"\n", b"\r\n") + f"\r\n--{b}--\r\n".encode())
     assert secret.encode() not in raw
+    assert (len(raw) > LARGE) == (size == "large")
     world.send(raw, LEE, f"sam@{DOMAIN}")
-    review = world.wait_for(lambda m: GUARDIAN in m.rcpt_tos)[0]
+    review = world.wait_for(lambda m: GUARDIAN in m.rcpt_tos, timeout=60)[0]
     text = _entity_text(_gpg_decrypt(gpg, review)[0])
     assert f"[2] {secret}" in text
+    if size == "large":
+        assert "scan.bin" in text
     assert "encrypted to the broker's key" in text
     assert f"signed by {gpg.fprs[LEE]}, good" in text  # type: ignore[attr-defined]
     record = world.record()
