@@ -3,25 +3,21 @@ into the MIME parser, so the worker never holds the whole plaintext beside the p
 copy of it (issue 7, benchmark 3: peak memory under 3x the largest message).
 
 The pieces are authenticated only after the last one: whatever was made of them must be
-thrown away when that fails, and these tests check that it is."""
+thrown away when that fails, and these tests check that it is. The pipeline's side (its
+memory, and a file damaged between its reads) is in tests/test_pipeline_large.py."""
 
 from __future__ import annotations
 
 import os
-import tracemalloc
 from email import policy
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from broker.crypto import vault as vaults
-from broker.db.models import AuditEvent, Record
-from broker.intake.pipeline import LARGE, Pipeline
 from broker.intake.spool import Envelope, Spool, SpoolCorrupt
 from broker.mail.parse import ParseFailed, parse_message
-from broker.runtime import Runtime
-from tests.harness import DOMAIN, report, team_runtime
+from tests.harness import DOMAIN, report
 
 
 def sealed_pieces(vault: vaults.Vault, blob: bytes, tmp_path: Path, piece: int) -> list[bytes]:
@@ -171,76 +167,3 @@ def test_a_reader_that_fails_is_not_taken_for_malformed_mail() -> None:
         assert len(calls) == 2
     except ParseFailed:
         pass  # mail-parser read it (as nothing): no fallback was needed
-
-
-@pytest.fixture
-def rt(tmp_path: Path, db_url: str):
-    runtime = team_runtime(tmp_path / "home", db_url)
-    yield runtime
-    runtime.spool.close()
-    runtime.close()
-
-
-def large_report(subject: str, size: int) -> bytes:
-    return report(subject=subject, attachments=(("scan.pdf", "application/pdf",
-                                                 os.urandom(size)),)
-                  ).as_bytes(policy=policy.SMTP)
-
-
-def test_taking_in_a_large_report_never_holds_3x_its_size(rt: Runtime) -> None:
-    """Provider sends an 8 MB scan -> the large pipeline stores it, parses it from the
-    sealed spool file and takes it in -> at no moment do its Python allocations reach 3x
-    the message (before: the whole plaintext sat beside the parser's lines and their
-    joined text, about 3.6x; the parser's own share is some 2.6x)."""
-    data = large_report("an eight megabyte scan", 6 * 1024 * 1024)
-    store(rt.spool, data)
-    size = len(data)
-    del data
-    pipeline = Pipeline(rt, sizes="large")
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        assert pipeline.run_once() == 1
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    with rt.db.read_session() as s:
-        record = s.scalar(select(Record))
-        assert record is not None and record.subject == "an eight megabyte scan"
-    assert peak < 3 * size, f"peak {peak / size:.2f}x the message"
-
-
-def test_a_large_report_damaged_between_its_reads_is_set_aside_unused(rt: Runtime) -> None:
-    """A scan is damaged on disk just after the pipeline first read it -> its piecewise
-    parse fails its checks at the end and the parsed document is thrown away -> the
-    message is set aside for the operator as damaged, and no record is made of it."""
-    sid = store(rt.spool, large_report("a scan that gets damaged", LARGE + 256 * 1024))
-    path = rt.spool.root / f"{sid}.eml"
-    real_read = rt.spool.read
-
-    def read_then_damage(spool_id: str) -> bytes:
-        data = real_read(spool_id)
-        damaged = bytearray(path.read_bytes())
-        damaged[-40_000] ^= 0x01
-        path.write_bytes(damaged)
-        return data
-
-    rt.spool.read = read_then_damage  # type: ignore[method-assign]
-    parsed: list[object] = []
-    pipeline = Pipeline(rt, sizes="large")
-    real_parse = pipeline._parse_large
-
-    def parse_large(entry, prepared) -> None:
-        real_parse(entry, prepared)
-        parsed.append(prepared.doc)
-
-    pipeline._parse_large = parse_large  # type: ignore[method-assign]
-    assert pipeline.run_once() == 1
-    assert parsed == [None]  # nothing kept of the unauthenticated pieces
-    assert (rt.spool.root / "damaged" / f"{sid}.eml").exists()
-    assert rt.spool.pending() == []
-    with rt.db.read_session() as s:
-        assert s.scalar(select(Record)) is None
-        events = [(e.action, e.description) for e in s.scalars(select(AuditEvent))
-                  if e.action == "intake_failed"]
-    assert events and "spool damaged" in str(events[0][1])
