@@ -16,6 +16,8 @@ before the first large send (the small-mail baseline) and at the end.
 
     .venv/bin/python bench/large_mail.py [--rate 10] [--duration 30] [--large-count 1]
         [--rounds 1] [--pg URL] [--layout serve|single|split|split2]
+    .venv/bin/python bench/large_mail.py --trace    # Python allocations at the peak
+    .venv/bin/python bench/large_mail.py --stages   # resident memory by pipeline step
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -352,6 +355,111 @@ def trace(args: argparse.Namespace, large_data: bytes) -> int:
     return 0
 
 
+# The pipeline's steps that --stages names, as (module, owner, function): RSS samples are
+# labelled with the innermost of these running at the time.
+STAGES = (
+    ("broker.intake.spool", "Spool", "read"),
+    ("broker.intake.spool", "Spool", "read_buffer"),
+    ("broker.intake.pipeline", "Pipeline", "_store_large"),
+    ("broker.intake.pipeline", "Pipeline", "_parse_large"),
+    ("broker.intake.pipeline", "Pipeline", "_take_in_batch"),
+    ("broker.intake.pipeline", "", "parse_message"),
+    ("broker.intake.pipeline", "", "document_to_bytes"),
+    ("broker.mail.parse", "", "_mailparser_from_pieces"),
+    ("broker.mail.parse", "", "extract"),
+    ("broker.content.store", "ContentStore", "put"),
+)
+
+
+def stages(args: argparse.Namespace, large_data: bytes) -> int:
+    """The pipeline on the large record in a fresh process (here, the memory freed after
+    building the PDF would be reused and hide the growth), fed the record on stdin."""
+    child = [sys.executable, __file__, "--stages-child", "--tmpdir", args.tmpdir]
+    child += (["--pg", args.pg] if args.pg else []) + (["--no-pgp-key"] if args.no_pgp_key
+                                                      else [])
+    return subprocess.run(child, input=large_data).returncode
+
+
+def stages_child(args: argparse.Namespace) -> int:
+    """The pipeline in this process on the record read from stdin, its resident memory
+    sampled every 2 ms and labelled with the step it is in (STAGES): where the process's
+    peak is, which tracemalloc (Python allocations only) cannot say."""
+    import functools
+    import gc
+    import importlib
+    import threading
+
+    from broker import config
+    from broker.intake.pipeline import Pipeline
+    from broker.intake.spool import Envelope
+    from broker.memory import return_large_blocks
+    from broker.runtime import Runtime
+
+    return_large_blocks()  # as `broker serve` does
+    step = ["-"]
+    for module, owner, name in STAGES:
+        holder = importlib.import_module(module)
+        holder = getattr(holder, owner) if owner else holder
+        real = getattr(holder, name)
+
+        def labelled(*a, _real=real, _name=name, **kw):
+            outer, step[0] = step[0], _name
+            try:
+                return _real(*a, **kw)
+            finally:
+                step[0] = outer
+
+        setattr(holder, name, functools.wraps(real)(labelled))
+    with tempfile.TemporaryDirectory(prefix="bench-large-", dir=args.tmpdir) as tmp, \
+            B.database(args.pg, Path(tmp)) as url, B.Relay() as relay:
+        home = Path(tmp) / "home"
+        B.make_home(home, url, relay.port, pgp_key=not args.no_pgp_key)
+        settings = config.Settings(**{**config.load(home).__dict__, "database_url": url})
+        rt = Runtime.open(settings)
+        pipeline = Pipeline(rt, sizes="all")
+        small = B.record(1)
+        pipeline.notify(rt.spool.store(small, Envelope.for_message(
+            small, mail_from=B.PROVIDER, rcpt_tos=(B.CHILD_ADDR,), peer="127.0.0.1",
+            helo="bench.example")))
+        while pipeline.run_once():
+            pass
+        large_data = sys.stdin.buffer.read()
+        size = len(large_data)
+        spool_id = rt.spool.store(large_data, Envelope.for_message(
+            large_data, mail_from=B.PROVIDER, rcpt_tos=(B.CHILD_ADDR,), peer="127.0.0.1",
+            helo="bench.example"))
+        del large_data
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from here
+        base = B.vm_kib(os.getpid(), "VmRSS")
+        samples: list[tuple[int, str]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.002):
+                samples.append((B.vm_kib(os.getpid(), "VmRSS"), step[0]))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        pipeline.notify(spool_id)
+        while pipeline.run_once():
+            pass
+        done.set()
+        sampler.join()
+        peak = B.vm_kib(os.getpid())
+        print(f"pipeline, one {size / 1e6:.1f} MB record in a fresh process: VmHWM "
+              f"+{(peak - base) / 1024:.0f} MB over {base / 1024:.0f} MB "
+              f"({(peak - base) * 1024 / size:.1f}x the message); the highest RSS sampled "
+              f"in each step:")
+        highest: dict[str, int] = {}
+        for kib, name in samples:
+            highest[name] = max(highest.get(name, 0), kib)
+        for name, kib in sorted(highest.items(), key=lambda kv: -kv[1]):
+            print(f"    +{(kib - base) / 1024:5.0f} MB  {name}")
+        rt.close()
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rate", type=float, default=10.0, help="small records per second, paced")
@@ -373,12 +481,20 @@ def main() -> int:
     p.add_argument("--trace", action="store_true",
                    help="instead: the pipeline in this process on the large record, "
                    "timed, profiled and memory-traced")
+    p.add_argument("--stages", action="store_true",
+                   help="instead: the pipeline in this process on the large record, its "
+                   "resident memory sampled and named by step")
+    p.add_argument("--stages-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--top", type=int, default=20)
     args = p.parse_args()
+    if args.stages_child:
+        return stages_child(args)
     t = time.perf_counter()
     large = large_record(LARGE_KEY, args.large_size, args.pages)
     if args.trace:
         return trace(args, large)
+    if args.stages:
+        return stages(args, large)
     print(f"large-mail bench: {args.large_count} x {len(large)} B record ({args.pages}-page "
           f"PDF, built in {time.perf_counter() - t:.1f} s) during {args.rate:g}/s x 10 KB "
           f"for {args.duration:g} s; layout {args.layout}, "
