@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 from email import policy
+from email.headerregistry import UnstructuredHeader
 from email.parser import BytesParser
 from pathlib import Path
 
@@ -85,3 +86,24 @@ def test_a_folded_header_is_kept_per_folding_setting() -> None:
         assert narrow.fold_binary("Subject", header) == \
             stock_narrow.fold_binary("Subject", header)
     assert len(header.__dict__[headers._FOLDED]) == 2
+
+
+def test_a_names_header_class_is_made_once_and_a_new_mapping_is_seen() -> None:
+    """The stdlib makes a new class on every lookup of a header name; the broker's
+    registry keeps one per name (bounded) -> and when a class is mapped to a name
+    afterwards, the next header of that name is of the new class, not a kept one."""
+    registry = headers.CachedHeaderRegistry()
+    assert registry["Subject"] is registry["subject"] is registry["SUBJECT"]
+    assert registry["X-Note"] is registry["x-note"]
+    before = registry("X-Note", "first")
+    assert not isinstance(before, Marked)
+    registry.map_to_type("x-note", Marked)
+    after = registry("X-Note", "first")
+    assert isinstance(after, Marked) and str(after) == "first"
+    assert issubclass(registry["X-Note"], Marked)
+    assert registry._class_for.cache_info().maxsize == headers.CACHE_NAMES
+    assert issubclass(registry["Subject"], UnstructuredHeader)
+
+
+class Marked(UnstructuredHeader):
+    """A header class mapped after use (see above)."""

@@ -30,15 +30,29 @@ from typing import Any
 
 CACHE_SIZE = 1024
 CACHE_LONGEST = 256  # characters of a value kept
+CACHE_NAMES = 256  # header names whose class is kept
 
 
 class CachedHeaderRegistry(HeaderRegistry):
     """The stdlib registry, answering repeated (name, value) pairs from a bounded cache
-    of its own answers (so a class mapped on this registry is what the cache holds)."""
+    of its own answers (so a class mapped on this registry is what the cache holds).
+
+    The stdlib also makes a new header class (``type(...)``) on every lookup of a name,
+    about 15 us each, some 70 times per released copy; the class made for a name is
+    kept too (bounded: a parsed message's names are whatever its sender wrote)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.cached = functools.lru_cache(maxsize=CACHE_SIZE)(super().__call__)
+        self._class_for = functools.lru_cache(maxsize=CACHE_NAMES)(super().__getitem__)
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        return self._class_for(name.lower())
+
+    def map_to_type(self, name: str, cls: type[BaseHeader]) -> None:
+        super().map_to_type(name, cls)
+        self._class_for.cache_clear()  # objects and classes made before the new mapping
+        self.cached.cache_clear()
 
     def __call__(self, name: str, value: str) -> BaseHeader:
         if type(value) is str and len(value) <= CACHE_LONGEST:
