@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import random
@@ -33,8 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -257,17 +260,12 @@ def print_round(r: Round, label: str, anchor: SinkAnchor) -> None:
               f"{now / 1024:.0f} MB)  {'OK' if grew * 1.048576 <= 3 * mb else 'OVER'}")
 
 
-def trace(args: argparse.Namespace, large_data: bytes) -> int:
-    """The pipeline in this process on the large record, three times: timed (and this
-    process's VmHWM growth), under cProfile (where the time goes), under tracemalloc
-    (which Python allocations make the peak; C libraries such as PDFium are not traced)."""
-    import cProfile
-    import threading
-    import tracemalloc
-
+@contextlib.contextmanager
+def pipeline_home(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """(runtime, pipeline) of a fresh home and database in this process, one small record
+    already taken in (imports and caches warm), for the in-process modes."""
     from broker import config
     from broker.intake.pipeline import Pipeline
-    from broker.intake.spool import Envelope
     from broker.runtime import Runtime
 
     with tempfile.TemporaryDirectory(prefix="bench-large-", dir=args.tmpdir) as tmp, \
@@ -276,25 +274,42 @@ def trace(args: argparse.Namespace, large_data: bytes) -> int:
         B.make_home(home, url, relay.port, pgp_key=not args.no_pgp_key)
         settings = config.Settings(**{**config.load(home).__dict__, "database_url": url})
         rt = Runtime.open(settings)
-        pipeline = Pipeline(rt)
+        try:
+            pipeline = Pipeline(rt)
+            pipeline.notify(spool(rt, B.record(1)))
+            while pipeline.run_once():
+                pass
+            yield rt, pipeline
+        finally:
+            rt.close()
+
+
+def spool(rt: Any, data: bytes) -> str:
+    """``data`` stored in the home's spool as the provider's mail to the child."""
+    from broker.intake.spool import Envelope
+
+    return rt.spool.store(data, Envelope.for_message(
+        data, mail_from=B.PROVIDER, rcpt_tos=(B.CHILD_ADDR,), peer="127.0.0.1",
+        helo="bench.example"))
+
+
+def trace(args: argparse.Namespace, large_data: bytes) -> int:
+    """The pipeline in this process on the large record, three times: timed (and this
+    process's VmHWM growth), under cProfile (where the time goes), under tracemalloc
+    (which Python allocations make the peak; C libraries such as PDFium are not traced)."""
+    import cProfile
+    import threading
+    import tracemalloc
+
+    with pipeline_home(args) as (rt, pipeline):
 
         def one(k: int) -> float:
-            data = retag(large_data, k + 1)
-            pipeline.notify(rt.spool.store(data, Envelope.for_message(
-                data, mail_from=B.PROVIDER, rcpt_tos=(B.CHILD_ADDR,), peer="127.0.0.1",
-                helo="bench.example")))
+            pipeline.notify(spool(rt, retag(large_data, k + 1)))
             t0 = time.perf_counter()
             while pipeline.run_once():
                 pass
             return time.perf_counter() - t0
 
-        small = B.record(1)
-        pipeline.notify(rt.spool.store(small, Envelope.for_message(
-            small, mail_from=B.PROVIDER, rcpt_tos=(B.CHILD_ADDR,), peer="127.0.0.1",
-            helo="bench.example")))
-        while pipeline.run_once():
-            pass
-        del small
         hwm0 = B.vm_kib(os.getpid())
         wall = one(0)
         hwm1 = B.vm_kib(os.getpid())
@@ -351,7 +366,6 @@ def trace(args: argparse.Namespace, large_data: bytes) -> int:
                          if caller else "")
                 print(f"    {stat.size / 1e6:7.1f} MB  {stat.count:7d} blocks  "
                       f"{Path(frame.filename).name}:{frame.lineno}{where}")
-        rt.close()
     return 0
 
 
@@ -389,11 +403,7 @@ def stages_child(args: argparse.Namespace) -> int:
     import importlib
     import threading
 
-    from broker import config
-    from broker.intake.pipeline import Pipeline
-    from broker.intake.spool import Envelope
     from broker.memory import return_large_blocks
-    from broker.runtime import Runtime
 
     return_large_blocks()  # as `broker serve` does
     step = ["-"]
@@ -410,24 +420,10 @@ def stages_child(args: argparse.Namespace) -> int:
                 step[0] = outer
 
         setattr(holder, name, functools.wraps(real)(labelled))
-    with tempfile.TemporaryDirectory(prefix="bench-large-", dir=args.tmpdir) as tmp, \
-            B.database(args.pg, Path(tmp)) as url, B.Relay() as relay:
-        home = Path(tmp) / "home"
-        B.make_home(home, url, relay.port, pgp_key=not args.no_pgp_key)
-        settings = config.Settings(**{**config.load(home).__dict__, "database_url": url})
-        rt = Runtime.open(settings)
-        pipeline = Pipeline(rt, sizes="all")
-        small = B.record(1)
-        pipeline.notify(rt.spool.store(small, Envelope.for_message(
-            small, mail_from=B.PROVIDER, rcpt_tos=(B.CHILD_ADDR,), peer="127.0.0.1",
-            helo="bench.example")))
-        while pipeline.run_once():
-            pass
+    with pipeline_home(args) as (rt, pipeline):
         large_data = sys.stdin.buffer.read()
         size = len(large_data)
-        spool_id = rt.spool.store(large_data, Envelope.for_message(
-            large_data, mail_from=B.PROVIDER, rcpt_tos=(B.CHILD_ADDR,), peer="127.0.0.1",
-            helo="bench.example"))
+        spool_id = spool(rt, large_data)
         del large_data
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from here
@@ -456,7 +452,6 @@ def stages_child(args: argparse.Namespace) -> int:
             highest[name] = max(highest.get(name, 0), kib)
         for name, kib in sorted(highest.items(), key=lambda kv: -kv[1]):
             print(f"    +{(kib - base) / 1024:5.0f} MB  {name}")
-        rt.close()
     return 0
 
 

@@ -152,18 +152,33 @@ def test_a_reader_that_fails_is_not_taken_for_malformed_mail() -> None:
     with pytest.raises(Broken):
         parse_message(failing_at_the_end)
 
-    # Also on the fallback path (a message mail-parser gives up on).
-    calls = []
+
+
+# mail-parser gives up on this one (AttributeError); the stdlib's parser reads it.
+FALLBACK_SAMPLE = "malformed/stalwart-mail-parser/001.eml"
+
+
+def test_the_fallback_parser_reads_pieces_again_and_a_failing_reader_still_fails(
+        corpus: Path) -> None:
+    """A message mail-parser cannot read is read again, from its pieces, by the stdlib's
+    parser -> the same document as from its bytes; and a reader that fails on that second
+    read raises its own error there too, not "malformed"."""
+    raw = (corpus / FALLBACK_SAMPLE).read_bytes()
+    reads: list[int] = []
+
+    def pieces():
+        reads.append(1)
+        yield from (raw[i:i + 100] for i in range(0, len(raw), 100))
+
+    assert parse_message(pieces) == parse_message(raw)
+    assert len(reads) == 2  # mail-parser's read, then the fallback's
 
     def fails_second_time():
-        calls.append(1)
-        if len(calls) > 1:
-            raise Broken("second read")
-        yield b"\xff" * 10
+        reads.append(1)
+        if len(reads) > 3:
+            raise Broken("checks failed on the second read")
+        yield raw
 
-    try:
+    with pytest.raises(Broken):
         parse_message(fails_second_time)
-    except Broken:
-        assert len(calls) == 2
-    except ParseFailed:
-        pass  # mail-parser read it (as nothing): no fallback was needed
+    assert len(reads) == 4

@@ -75,7 +75,7 @@ class ContentStore:
         """Store ``data``; with a session, small content is added to that transaction
         (it exists exactly when the rows that refer to it commit)."""
         ref = self.vault.ref(data)
-        if session is not None and self.db is not None and len(data) <= self.inline_limit:
+        if session is not None and self._inline(data):
             # No look first: content already stored (here, or by another process in its
             # own open transaction) keeps its row, and the one that commits second does
             # not fail its whole batch on the primary key. Sealing small content again
@@ -108,6 +108,16 @@ class ContentStore:
         finally:
             os.close(dfd)
         return ref
+
+    def _inline(self, data: bytes) -> bool:
+        """Whether ``put`` with a session keeps ``data`` in the database (else a file)."""
+        return self.db is not None and len(data) <= self.inline_limit
+
+    def put_ahead(self, data: bytes) -> str | None:
+        """Store now, outside any transaction, what ``put(data, session)`` would store as
+        a file (the later ``put`` finds it there); content that belongs in the database
+        is left to that transaction (None). For slow work done before a transaction."""
+        return None if self._inline(data) else self.put(data)
 
     def get(self, ref: str, session: Session | None = None) -> bytes:
         """The plaintext behind ``ref``; SealError (wrong key, tampered) or ContentMissing."""

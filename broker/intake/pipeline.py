@@ -227,8 +227,7 @@ class Pipeline:
         # sealed copy of a 20 MB PDF made the peak.
         with contextlib.suppress(OSError):  # (a full disk) the transaction tries again
             for attachment in doc.attachments:
-                if len(attachment.data) > self.rt.content.inline_limit:
-                    self.rt.content.put(attachment.data)
+                self.rt.content.put_ahead(attachment.data)
         prepared.doc = doc
 
     def _take_in_batch(self, readable: list[tuple[SpoolEntry, bytes]]) -> None:
