@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import text
 
-from broker.audit import fastread, queries
+from broker.audit import fastread, listing, queries
 from broker.audit.log import record_event
 from broker.cli import audit as audit_cli
 from broker.cli.context import Broker
@@ -211,7 +211,7 @@ def test_command_output_is_identical_on_both_paths(
     home: Path, world: Broker, monkeypatch: pytest.MonkeyPatch,
     paths: dict[str, Callable[[], None]],
 ) -> None:
-    monkeypatch.setattr(audit_cli, "TABLE_LIMIT", 7)  # the note, on SQLite and PostgreSQL
+    monkeypatch.setattr(listing, "TABLE_LIMIT", 7)  # the note, on SQLite and PostgreSQL
     with monkeypatch.context() as m:
         m.setattr(audit_cli, "show", _never)
         fast = {args: run(home, *args) for args in COMMANDS}
@@ -254,7 +254,7 @@ def test_plain_table_keeps_the_columns_and_every_line(home: Path, world: Broker)
 def test_a_terminal_still_gets_the_rich_table(
     home: Path, world: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit_cli, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setattr(listing, "_stdout_is_terminal", lambda: True)
     out = run(home, "--child", "sam").stdout
     assert "━" in out or "─" in out  # rich's box drawing
     assert "Disclosures" in out and "Plain old summary" in out and "April note" in out
@@ -314,3 +314,97 @@ def test_a_new_process_imports_no_sqlalchemy(home: Path, world: Broker) -> None:
                if line.startswith("import time:")}
     assert not modules & {"logging", "secrets", "cryptography.hazmat.primitives.kdf.hkdf",
                           "cryptography.hazmat.primitives.hashes"}, sorted(modules)
+
+
+# -- the command's entry point: the listing without click ------------------------------------
+
+
+def _command(home: Path, module: str, *args: str,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -X importtime -m MODULE audit ARGS` in a new process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", module, "audit", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
+
+def _imported(stderr: str) -> set[str]:
+    return {line.split("|")[-1].strip().split(".")[0]
+            for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def _output(stderr: str) -> str:
+    """stderr less -X importtime's lines, the program named as `python -m broker`."""
+    return _same_name("".join(line for line in stderr.splitlines(keepends=True)
+                              if not line.startswith("import time:")))
+
+
+def _same_name(text: str) -> str:
+    return text.replace("python -m broker.cli.main", "python -m broker")
+
+
+# (arguments after `audit` less --home, whether the entry point answers without click)
+ENTRY_COMMANDS = [
+    (("--child", "sam"), True), (("--child=alex", "--limit", "3"), True),
+    (("--all", "--child", "alex", "--json"), True), (("--csv", "--record", "105"), True),
+    (("--since", "2025-03-08", "--until=2025-03-21"), True), ((), True),
+    # ...and what it leaves to click, which must answer exactly as it always has:
+    (("--child", "sma"), False),                   # unknown child: click's error, exit 2
+    (("--json", "--csv"), False),                  # a usage error
+    (("--since", "2025-13-01"), False),            # not a date
+    (("--record", "0"), False),                    # out of range
+    (("--child", "sam", "--child", "alex"), False),  # repeated: click takes the last
+    (("--help",), False), (("verify",), False),
+]
+
+
+def test_the_command_lists_without_click_and_prints_what_click_prints(
+    home: Path, world: Broker
+) -> None:
+    for args, fast in ENTRY_COMMANDS:
+        entry = _command(home, "broker", "--home", str(home), *args)
+        click_only = _command(home, "broker.cli.main", "--home", str(home), *args)
+        assert (entry.returncode, entry.stdout, _output(entry.stderr)) == (
+            click_only.returncode, _same_name(click_only.stdout),
+            _output(click_only.stderr)), args
+        assert ("click" not in _imported(entry.stderr)) == fast, args
+        assert not _imported(entry.stderr) & {"sqlalchemy", "rich", "psycopg"} or not fast
+    # The home from the environment, as click's --home takes it.
+    by_env = _command(home, "broker", "--child", "sam", env={"BROKER_HOME": str(home)})
+    assert by_env.returncode == 0 and "April note" in by_env.stdout
+    assert "click" not in _imported(by_env.stderr)
+    # And what they print is the listing.
+    sam = _command(home, "broker", "--home", str(home), "--child", "sam")
+    assert sam.stdout.startswith("Disclosures\n") and "Plain old summary" in sam.stdout
+
+
+def test_the_entry_point_takes_only_what_click_would_read_the_same_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker.cli.entry import parse_listing
+
+    monkeypatch.delenv("BROKER_HOME", raising=False)
+    got = parse_listing(["audit", "--home=/h", "--child", "sam", "--since", " 2025-03-01",
+                         "--until", "2025-03-31", "--record", "7", "--limit", "0", "--all",
+                         "--json"])
+    assert got == {"home": "/h", "child": "sam", "since": dt.date(2025, 3, 1),
+                   "until": dt.date(2025, 3, 31), "record": 7, "limit": 0,
+                   "show_all": True, "as_json": True, "as_csv": False}
+    assert parse_listing(["audit"]) == {
+        "home": None, "child": None, "since": None, "until": None, "record": None,
+        "limit": None, "show_all": False, "as_json": False, "as_csv": False}
+    monkeypatch.setenv("BROKER_HOME", "/from-env")
+    assert parse_listing(["audit", "--csv"])["home"] == "/from-env"  # type: ignore[index]
+    assert parse_listing(["audit", "--home", "/h"])["home"] == "/h"  # type: ignore[index]
+    for argv in (
+        [], ["records"], ["--version"], ["audit", "verify"], ["audit", "report"],
+        ["audit", "--help"], ["audit", "-h"], ["audit", "--"], ["audit", "--child"],
+        ["audit", "--child", "--all"], ["audit", "--child", ""], ["audit", "--child="],
+        ["audit", "--all=yes"], ["audit", "--json", "--json"], ["audit", "--json", "--csv"],
+        ["audit", "--record", "0"], ["audit", "--record", "x"], ["audit", "--limit", "-1"],
+        ["audit", "--since", "2025-02-30"], ["audit", "--since", "2025-03-02", "--until",
+                                             "2025-03-01"],
+        ["audit", "--chlid", "sam"], ["audit", "sam"],
+    ):
+        assert parse_listing(argv) is None, argv

@@ -294,9 +294,9 @@ def test_table_shows_the_latest_and_says_how_many_more(
     home: Path, log: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Years of history would be thousands of rows: the table keeps the latest."""
-    from broker.cli import audit as audit_cli
+    from broker.audit import listing
 
-    monkeypatch.setattr(audit_cli, "TABLE_LIMIT", 2)
+    monkeypatch.setattr(listing, "TABLE_LIMIT", 2)
     result = run(home, "--child", "sam")
     assert result.exit_code == 0, result.output
     assert "Late March note" in result.output and "April note" in result.output
