@@ -304,7 +304,8 @@ class Broker:
         for k, p in enumerate(self.procs):
             out[f"proc{k}"] = p.pid
             for child in children(p.pid):
-                out[f"proc{k}.worker"] = child
+                # broker serve's worker processes: the pipeline's and the outbox's.
+                out[f"proc{k}.{worker_name(child)}"] = child
         return out
 
     def stop(self) -> None:
@@ -331,6 +332,15 @@ def children(pid: int) -> list[int]:
         for task in Path(f"/proc/{pid}/task").iterdir():
             out += [int(x) for x in (task / "children").read_text().split()]
     return out
+
+
+def worker_name(pid: int) -> str:
+    """"outbox" for broker serve's outbox process, "worker" for its pipeline's."""
+    with contextlib.suppress(OSError):
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"outbox" in args:
+            return "outbox"
+    return "worker"
 
 
 def vm_kib(pid: int, field_name: str = "VmHWM") -> int:

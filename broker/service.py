@@ -182,7 +182,8 @@ class Service:
 
     def __init__(self, settings: Settings, poll: float = 1.0,
                  roles: tuple[str, ...] = ROLES,
-                 on_stored: Callable[[str], None] | None = None) -> None:
+                 on_stored: Callable[[str], None] | None = None,
+                 on_queued: Callable[[], None] | None = None) -> None:
         unknown = set(roles) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
@@ -197,7 +198,10 @@ class Service:
         # slow part runs outside the transaction, see Pipeline._parse_large).
         self.pipeline = Pipeline(self.rt, sizes="small")
         self.large_pipeline = Pipeline(self.rt, sizes="large")
-        self.pipeline.on_commit = self.large_pipeline.on_commit = self.sender_wake.set
+        # Mail was queued: wake the outbox, here or (on_queued) in its own process.
+        queued = (self.sender_wake.set if "outbox" in roles or on_queued is None
+                  else on_queued)
+        self.pipeline.on_commit = self.large_pipeline.on_commit = queued
         if "outbox" in roles and "pipeline" in roles:
             # The outbox waits on the relay between short bursts of work; with the
             # pipeline busy on the CPU, each of its waits ended only when the pipeline
@@ -247,7 +251,7 @@ class Service:
             # The scheduler (broker.schedule): expires holds and sends reminders and
             # notices. Still named "expiry" so existing --role uses keep working.
             Worker("expiry", lambda: run_schedule(self.rt), self.stop_event,
-                   settings.expiry_interval, after=self.sender_wake.set),
+                   settings.expiry_interval, after=queued),
         ]
         self.imap: ImapFetcher | None = None
         # Its own stop event: the fetcher stores into the spool, so it stops (like the

@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from typing import IO
 
 import click
 
@@ -26,7 +28,8 @@ from broker.memory import return_large_blocks
 from broker.service import ROLES, Service
 
 log = logging.getLogger("broker.serve")
-WORKER_ROLES = ("pipeline", "outbox", "expiry")
+WORKER_ROLES = ("pipeline", "expiry")
+OUTBOX_ROLES = ("outbox",)
 
 
 @click.command()
@@ -41,8 +44,10 @@ WORKER_ROLES = ("pipeline", "outbox", "expiry")
               help="Run every part in this one process (simpler, slower intake under load).")
 @click.option("--wake-stdin", is_flag=True, hidden=True,
               help="Wake the pipeline on each byte read from standard input; stop at EOF.")
+@click.option("--announce-queued", is_flag=True, hidden=True,
+              help="Write a line to standard output whenever mail was queued for the outbox.")
 def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_process: bool,
-          wake_stdin: bool) -> None:
+          wake_stdin: bool, announce_queued: bool) -> None:
     """Run the SMTP intake, pipeline, outbox sender and scheduler (expiry, reminders)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return_large_blocks()  # a 25 MB message's memory goes back when it is done with
@@ -59,7 +64,8 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
     signal.signal(signal.SIGINT, _stop)
 
     if roles or single_process:
-        service = Service(settings, roles=roles or ROLES)
+        service = Service(settings, roles=roles or ROLES,
+                          on_queued=_announce_queued() if announce_queued else None)
         if wake_stdin:
             threading.Thread(target=_read_wakeups, args=(service, stop), daemon=True).start()
         _start(service, settings)
@@ -67,16 +73,22 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
         service.stop()
         return
 
-    workers = _Workers(settings.home, log_level)
+    # Two worker processes: the pipeline (and the scheduler), and the outbox, each with a
+    # CPU of its own; the pipeline's "queued" announcements wake the outbox through here.
+    outbox = _Workers(settings.home, log_level, OUTBOX_ROLES)
+    workers = _Workers(settings.home, log_level, WORKER_ROLES, on_queued=outbox.wake_up)
     # The mailbox fetcher ([imap]) stores into the spool like the SMTP intake: it runs here.
     service = Service(settings, roles=("intake", "imap"), on_stored=workers.wake)
+    outbox.start()
     workers.start()
     _start(service, settings)
     while not stop.wait(1.0):
         workers.restart_if_dead()
+        outbox.restart_if_dead()
     click.echo("stopping", err=True)
     service.stop()
     workers.stop()
+    outbox.stop()
 
 
 def _start(service: Service, settings: config.Settings) -> None:
@@ -100,7 +112,22 @@ def _read_wakeups(service: Service, stop: threading.Event) -> None:
         else:
             service.pipeline_wake.set()
             service.large_wake.set()
+            service.sender_wake.set()
     stop.set()
+
+
+def _announce_queued() -> Callable[[], None]:
+    """A line on standard output for each commit that queued mail (the parent passes it
+    on to the outbox process). Several threads commit: the lock keeps lines whole."""
+    lock = threading.Lock()
+    out = sys.stdout.buffer
+
+    def announce() -> None:
+        with lock, contextlib.suppress(OSError, ValueError):
+            out.write(b"\n")
+            out.flush()
+
+    return announce
 
 
 def _low_priority() -> None:
@@ -108,12 +135,17 @@ def _low_priority() -> None:
 
 
 class _Workers:
-    """The worker process: started, woken, restarted if it dies, stopped last."""
+    """A worker process: started, woken, restarted if it dies, stopped last.
+    ``on_queued``: called for each line the process writes (it announces queued mail)."""
 
-    def __init__(self, home: object, log_level: str) -> None:
+    def __init__(self, home: object, log_level: str, roles: tuple[str, ...],
+                 on_queued: Callable[[], None] | None = None) -> None:
         self.args = [sys.executable, "-m", "broker.cli.main", "serve", "--home", str(home),
                      "--log-level", log_level, "--wake-stdin",
-                     *[x for r in WORKER_ROLES for x in ("--role", r)]]
+                     *[x for r in roles for x in ("--role", r)]]
+        if on_queued is not None:
+            self.args.append("--announce-queued")
+        self.on_queued = on_queued
         self.proc: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
 
@@ -123,10 +155,24 @@ class _Workers:
         # the spool. Not the idle classes: a worker starved while holding the database
         # lock would stall everyone else who needs it (priority inversion).
         prefix = ["ionice", "-c", "2", "-n", "7"] if shutil.which("ionice") else []
-        self.proc = subprocess.Popen([*prefix, *self.args], stdin=subprocess.PIPE,
-                                     preexec_fn=_low_priority)
+        self.proc = subprocess.Popen(
+            [*prefix, *self.args], stdin=subprocess.PIPE, preexec_fn=_low_priority,
+            stdout=subprocess.PIPE if self.on_queued is not None else None)
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
+        if self.proc.stdout is not None:
+            threading.Thread(target=self._pass_on, args=(self.proc.stdout,),
+                             name="queued-announcements", daemon=True).start()
+
+    def _pass_on(self, stdout: IO[bytes]) -> None:
+        """Each announcement of the process, as it comes, until it exits."""
+        assert self.on_queued is not None
+        for _line in stdout:
+            self.on_queued()
+
+    def wake_up(self) -> None:
+        """Look for work now (an empty line: no spool id)."""
+        self.wake("")
 
     def wake(self, spool_id: str) -> None:
         with self.lock:

@@ -30,6 +30,8 @@ class Protected:
     encrypted: bool
     signed: bool
     fingerprint: str | None = None  # the recipient key encrypted to
+    # ``data`` is the message as composed: the outbox signs it before it first sends it.
+    sign_on_send: bool = False
 
 
 def withheld(person: Person | None) -> str | None:
@@ -40,14 +42,23 @@ def withheld(person: Person | None) -> str | None:
     return None if state.usable else f"requires encryption and {state.problem}"
 
 
-def protect(data: bytes, person: Person | None, signer: str | None) -> Protected:
-    """The bytes to queue for ``person`` (None: an address that is not on a team)."""
+def protect(data: bytes, person: Person | None, signer: str | None, *,
+            sign_on_send: bool = False) -> Protected:
+    """The bytes to queue for ``person`` (None: an address that is not on a team).
+
+    ``sign_on_send``: a copy that is only to be signed (no usable key to encrypt to) is
+    queued as composed and marked, and the outbox signs it (broker.release.sender): the
+    signature is the largest part of queueing a message that needs no database, and the
+    outbox runs in a process of its own. Encryption stays here, in the transaction: it is
+    what decides whether plaintext may be queued at all."""
     state = person_key(person.pgp_key, person.pgp_key_revoked) if person is not None else None
     if state is None or not state.usable:
         if person is not None and person.require_encryption:
             raise EncryptionRequired(f"{person.email} {withheld(person)}")
         if signer is None:
             return Protected(data, False, False)
+        if sign_on_send:
+            return Protected(data, False, True, sign_on_send=True)
         return Protected(pgpmime.sign_bytes(data, signer), False, True)
     assert state.key is not None
     out = pgpmime.encrypt_bytes(data, signer, [state.key], protect_subject=True)

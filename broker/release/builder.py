@@ -37,7 +37,9 @@ def queue_release(
     """Queues the copies; returns recipient -> sha256 of the exact bytes queued.
 
     Each copy is signed with ``signer`` (the broker's OpenPGP key) and encrypted to the
-    recipient's key where one is usable. A recipient who requires encryption and has no
+    recipient's key where one is usable. A copy that is only signed is queued as composed
+    and signed by the outbox before it is sent (its "delivered" event then carries the
+    sha256 of the signed bytes that left). A recipient who requires encryption and has no
     usable key raises EncryptionRequired before anything is queued: the caller checks
     (:func:`broker.crypto.outbound.withheld`) and refuses the approval first.
 
@@ -90,11 +92,12 @@ def queue_release(
             to=person.email, to_name=person.name, subject=content.subject or "(no subject)",
             text=text_for(label), attachments=content.attachments, date=released_at,
         )
-        sealed = protect(data, person, signer)
+        sealed = protect(data, person, signer, sign_on_send=True)
         openpgp = ("encrypted to " + (sealed.fingerprint or "") if sealed.encrypted
                    else "signed" if sealed.signed else "none")
         delivery = enqueue(
             s, content_store, kind="release", recipient=person.email, data=sealed.data,
+            sign_on_send=sealed.sign_on_send,
             message_id=mc.release_message_id(record.id, person.email, domain),
             child_id=child.id, record_id=record.id, person_id=person.id,
             dedupe_key=f"release:{record.id}:{person.email}",

@@ -29,6 +29,7 @@ def enqueue(
     person_id: int | None = None,
     dedupe_key: str | None = None,
     summary: dict | None = None,
+    sign_on_send: bool = False,
 ) -> Delivery:
     ref = content.put(data, s)
     delivery = Delivery(
@@ -44,6 +45,7 @@ def enqueue(
         summary=json.dumps(summary or {}, ensure_ascii=False, sort_keys=True),
         state="queued",
         next_attempt_at=utcnow(),
+        sign_on_send=sign_on_send,
     )
     s.add(delivery)
     s.flush()

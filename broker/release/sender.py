@@ -12,6 +12,11 @@ younger ones to that address in the same round wait behind it. Review requests a
 notices are not held back that way (each stands alone). A relay that was down therefore
 gets each recipient's backlog in order, whatever each copy's own backoff says.
 
+A copy queued with ``sign_on_send`` (everything the broker queues that is not encrypted)
+is signed here with the broker's key, outside any transaction, and the signed bytes then
+replace the copy's content and sha256 in one short transaction for the round, before
+anything is sent: a retry, after a crash or a refusal, sends those same bytes again.
+
 What happened to a round's copies is written in one transaction at the end of the
 round (sooner when the round runs long): one commit (one fsync, one turn at SQLite's
 write lock beside a busy pipeline) instead of one per copy. A crash before that write
@@ -20,7 +25,9 @@ only means those copies are sent again, with the same bytes and Message-ID.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import time
@@ -31,6 +38,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
+from broker.crypto import pgpmime
 from broker.db.models import Delivery, Person, Record, utcnow
 from broker.mail.compose import bounce_address
 from broker.policy.context import record_audience
@@ -66,6 +74,7 @@ class Claimed:
     created_at: dt.datetime
     record_id: int | None = None
     kind: str = "release"
+    sign_on_send: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class OutboxSender:
         self.rt = rt
         self.batch = batch
         self.notifier = make_notifier(rt)
+        self.signer = self.notifier.signer
         self.idle_close = idle_close
         self._relay: RelayClient | None = None
         self._last_round = 0.0
@@ -163,9 +173,48 @@ class OutboxSender:
                 row.attempts += 1
                 claimed.append(
                     Claimed(row.id, row.recipient, row.content_ref, row.attempts, row.created_at,
-                            row.record_id, row.kind)
+                            row.record_id, row.kind, row.sign_on_send)
                 )
         return claimed
+
+    def sign(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Outcome]]:
+        """The claimed copies with their signatures made and stored (content_ref now the
+        signed bytes), and the outcomes of those that could not be signed. The signing
+        runs outside any transaction (it is the slow part); storing the signed bytes is
+        one transaction for the round."""
+        todo = [c for c in claimed if c.sign_on_send]
+        if not todo:
+            return claimed, []
+        signed: dict[int, bytes] = {}
+        failed: list[Outcome] = []
+        for item in todo:
+            data = self.rt.content.get(item.content_ref)
+            if self.signer is None:
+                # The key is gone since this was queued: it goes as composed, like all mail
+                # of a home without a key (broker.crypto.outbound.protect).
+                signed[item.id] = data
+                continue
+            try:
+                signed[item.id] = pgpmime.sign_bytes(data, self.signer)
+            except pgpmime.PGPError as exc:
+                # The operator's problem (an expired or damaged key), not the recipient's:
+                # kept queued, never given up for it.
+                log.error("outbox: copy %s could not be signed (%s); it stays queued",
+                          item.id, type(exc).__name__)
+                failed.append(Outcome(item, "temporary", "signing failed", keep=True))
+        refs: dict[int, str] = {}
+        with self.rt.db.session() as s:
+            for delivery_id, data in signed.items():
+                row = s.get(Delivery, delivery_id)
+                assert row is not None
+                if row.sign_on_send:
+                    row.content_ref = self.rt.content.put(data, s)
+                    row.sha256 = hashlib.sha256(data).hexdigest()
+                    row.sign_on_send = False
+                refs[delivery_id] = row.content_ref
+        ready = [dataclasses.replace(c, content_ref=refs[c.id], sign_on_send=False)
+                 if c.id in refs else c for c in claimed if c.id in refs or not c.sign_on_send]
+        return ready, failed
 
     def run_once(self) -> int:
         """Sends what is due; returns how many copies were handled."""
@@ -176,10 +225,12 @@ class OutboxSender:
                 self.close()
             return 0
         domain = self.rt.settings.domain
+        handled = len(claimed)
+        claimed, outcomes = self.sign(claimed)
         relay = self.relay
         down: RelayUnavailable | None = None
-        held: set[str] = set()  # recipients whose older copy could not go this round
-        outcomes: list[Outcome] = []
+        # Recipients whose older copy could not go this round (nor be signed).
+        held = {o.item.recipient for o in outcomes if o.item.kind == "release"}
         written = started = time.monotonic()
         # Past half the lease, the rest of the round is handed back untried: a copy
         # still in hand when its lease ends could be claimed by another sender too.
@@ -228,7 +279,7 @@ class OutboxSender:
             self._last_round = time.monotonic()
             # What did happen is written even when the round broke off.
             self._record(outcomes)
-        return len(claimed)
+        return handled
 
     def _record(self, outcomes: list[Outcome]) -> None:
         """Writes a round's outcomes in one transaction, records in id order (so two

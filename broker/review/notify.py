@@ -290,10 +290,10 @@ class Notifier:
                          record_id=record.id if record else None, recipients=[person.email],
                          description={"kind": kind, "reason": reason})
             return
-        data = protect(data, person, self.signer).data
+        sealed = protect(data, person, self.signer, sign_on_send=True)
         enqueue(
-            s, self.content, kind=kind, recipient=person.email if person else str(to), data=data,
-            message_id=message_id,
+            s, self.content, kind=kind, recipient=person.email if person else str(to),
+            data=sealed.data, sign_on_send=sealed.sign_on_send, message_id=message_id,
             child_id=(record.child_id if record else child.id if child else None),
             record_id=record.id if record else None, person_id=person.id if person else None,
         )

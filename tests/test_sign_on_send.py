@@ -1,0 +1,285 @@
+"""The outbox signs what it sends, and runs in a process of its own under `broker serve`.
+
+Stories:
+- provider sends report -> the pipeline queues the review request and the receipt as
+  composed (no signature yet) -> the relay is down: the outbox signs both, keeps the signed
+  bytes as their content, and cannot send -> the relay is back -> the very same signed
+  bytes reach it, and they verify with the broker's key;
+- a copy that cannot be signed stays queued, says why, and nothing of it is sent; it goes
+  once signing works again;
+- `broker serve` runs the pipeline and the outbox in two worker processes, and the
+  pipeline's commits wake the outbox: review requests do not wait for its idle poll.
+SQLite and PostgreSQL, real SMTP relay (aiosmtpd), real spool and database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from email import policy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from aiosmtpd.controller import Controller
+from sqlalchemy import select
+
+from broker import config
+from broker.cli import serve as serve_cli
+from broker.crypto import pgp, pgpmime
+from broker.crypto import vault as vaults
+from broker.crypto.keys import broker_public_key, create_broker_key
+from broker.db.engine import Database
+from broker.db.models import Delivery
+from broker.intake.pipeline import Pipeline
+from broker.intake.spool import Envelope
+from broker.release.sender import OutboxSender
+from broker.runtime import Runtime
+from broker.service import Service
+from broker.team.apply import apply_team
+from broker.team.spec import parse_team
+from tests.harness import DOMAIN, GUARDIAN, TEAM, Received, Sink, free_port, report
+from tests.serve_process import ServeProcess
+
+LEE = "lee@clinic.example"
+
+
+def _home(home: Path, db_url: str, relay_port: int, listen: str = "127.0.0.1:0") -> None:
+    """A home with the test team and the broker's own OpenPGP key."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / config.CONFIG_NAME).write_text(config.render_config(
+        domain=DOMAIN, listen=listen, relay=f"127.0.0.1:{relay_port}", auth="token"))
+    create_broker_key(home, DOMAIN)
+    vaults.register(db_url, vaults.create_keyring(home))
+    db = Database(db_url)
+    with db.session() as s:
+        apply_team(s, parse_team(TEAM))
+    db.dispose()
+
+
+@pytest.fixture
+def rt(tmp_path: Path, db_url: str) -> Iterator[tuple[Runtime, int]]:
+    """The broker's runtime on a fresh home (nothing running) and its relay's port."""
+    relay_port = free_port()
+    home = tmp_path / "home"
+    _home(home, db_url, relay_port)
+    settings = config.Settings(**{**config.load(home).__dict__, "database_url": db_url,
+                                  "retry_schedule": (0.0,)})
+    runtime = Runtime.open(settings)
+    yield runtime, relay_port
+    runtime.spool.close()
+    runtime.close()
+
+
+def _take_in_a_report(runtime: Runtime) -> None:
+    """A provider's report, spooled as the intake spools it, and taken in."""
+    data = report().as_bytes(policy=policy.SMTP)
+    pipeline = Pipeline(runtime)
+    pipeline.notify(runtime.spool.store(data, Envelope.for_message(
+        data, mail_from=LEE, rcpt_tos=(f"sam@{DOMAIN}",), peer="127.0.0.1",
+        helo="clinic.example")))
+    assert pipeline.run_once() == 1
+
+
+def _queued(runtime: Runtime) -> list[SimpleNamespace]:
+    """The outbox's rows as they are now (plain values: the session is gone after)."""
+    with runtime.db.read_session() as s:
+        return [SimpleNamespace(**{c.key: getattr(d, c.key) for c in Delivery.__table__.columns})
+                for d in s.scalars(select(Delivery).order_by(Delivery.id))]
+
+
+def _verify(runtime: Runtime, data: bytes) -> pgpmime.Opened:
+    opened = pgpmime.open_message(data, verify_with=[broker_public_key(runtime.settings.home)])
+    assert opened.signature.status == "good", opened.signature
+    return opened
+
+
+def test_the_outbox_signs_before_it_first_sends_and_a_retry_sends_the_same_bytes(
+    rt: tuple[Runtime, int],
+) -> None:
+    runtime, relay_port = rt
+    _take_in_a_report(runtime)
+    queued = _queued(runtime)
+    assert [(d.kind, d.recipient) for d in queued] == [("review", GUARDIAN), ("receipt", LEE)]
+    for d in queued:
+        composed = runtime.content.get(d.content_ref)
+        # Queued as composed: no signature yet, and nothing encrypted (no keys on the team).
+        assert d.sign_on_send and b"multipart/signed" not in composed
+        assert d.sha256 == hashlib.sha256(composed).hexdigest()
+
+    sender = OutboxSender(runtime)
+    try:
+        # The relay is down: the copies are signed and kept, not sent.
+        assert sender.run_once() == 2
+        signed = _queued(runtime)
+        assert [d.state for d in signed] == ["queued", "queued"]
+        kept = {}
+        for before, d in zip(queued, signed, strict=True):
+            data = runtime.content.get(d.content_ref)
+            assert not d.sign_on_send and d.content_ref != before.content_ref
+            assert d.sha256 == hashlib.sha256(data).hexdigest()
+            assert b"multipart/signed" in data
+            assert d.last_error  # why it is still here: the relay
+            kept[d.id] = data
+
+        sink = Sink()
+        relay = Controller(sink, hostname="127.0.0.1", port=relay_port)
+        relay.start()
+        try:
+            with runtime.db.session() as s:  # due again now (the retry schedule's wait)
+                for d in s.scalars(select(Delivery)):
+                    d.next_attempt_at = d.created_at
+            assert sender.run_once() == 2
+        finally:
+            relay.stop()
+    finally:
+        sender.close()
+    sent = _queued(runtime)
+    assert [d.state for d in sent] == ["sent", "sent"]
+    got: dict[str, Received] = {m.rcpt_tos[0]: m for m in sink.messages}
+    for d in sent:
+        # What reached the relay is byte for byte what was signed and kept before the
+        # first attempt, and what the row's sha256 (and so the audit) names.
+        assert got[d.recipient].data == kept[d.id] == runtime.content.get(d.content_ref)
+        assert hashlib.sha256(got[d.recipient].data).hexdigest() == d.sha256
+        opened = _verify(runtime, got[d.recipient].data)
+        assert opened.message["Message-ID"] == d.message_id
+    review = _verify(runtime, got[GUARDIAN].data).message
+    assert "Review needed" in str(review["Subject"])
+    assert "handwriting" in review.get_body(preferencelist=("plain",)).get_content()
+
+
+def test_a_copy_that_cannot_be_signed_stays_queued_and_goes_once_it_can(
+    rt: tuple[Runtime, int], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime, relay_port = rt
+    _take_in_a_report(runtime)
+    sink = Sink()
+    relay = Controller(sink, hostname="127.0.0.1", port=relay_port)
+    relay.start()
+    sender = OutboxSender(runtime)
+    try:
+        with monkeypatch.context() as m:
+            def broken(data: bytes, signer: str | bytes) -> bytes:
+                raise pgp.PGPError("signing failed: the key cannot sign")
+
+            m.setattr(pgpmime, "sign_bytes", broken)
+            assert sender.run_once() == 2
+        rows = _queued(runtime)
+        assert [(d.state, d.sign_on_send, d.last_error) for d in rows] == [
+            ("queued", True, "signing failed")] * 2
+        assert sink.messages == []  # nothing unsigned, nothing at all, left
+        with runtime.db.session() as s:
+            for d in s.scalars(select(Delivery)):
+                d.next_attempt_at = d.created_at
+        assert sender.run_once() == 2
+    finally:
+        sender.close()
+        relay.stop()
+    assert [d.state for d in _queued(runtime)] == ["sent", "sent"]
+    assert len(sink.messages) == 2
+    for m in sink.messages:
+        _verify(runtime, m.data)
+
+
+# -- broker serve: the outbox in its own process, woken by the pipeline ----------------------
+
+
+def test_the_pipelines_commits_wake_the_outbox_process(
+    rt: tuple[Runtime, int],
+) -> None:
+    """The pipeline's process announces each commit that queued mail (on_queued), the
+    parent passes each announcement line on, and the outbox process wakes on it."""
+    runtime, _ = rt
+    announced: list[int] = []
+    service = Service(runtime.settings, roles=("pipeline",),
+                      on_queued=lambda: announced.append(1))
+    try:
+        data = report().as_bytes(policy=policy.SMTP)
+        service.notify(service.rt.spool.store(data, Envelope.for_message(
+            data, mail_from=LEE, rcpt_tos=(f"sam@{DOMAIN}",), peer="127.0.0.1",
+            helo="clinic.example")))
+        assert service.pipeline.run_once() == 1
+        assert announced == [1]
+        assert not service.sender_wake.is_set()  # no outbox in this process
+    finally:
+        service.rt.spool.close()
+        service.rt.close()
+        service.slugs.stop()
+
+    # The parent: every line the worker process writes is one announcement.
+    passed_on: list[int] = []
+    workers = serve_cli._Workers(runtime.settings.home, "WARNING", ("pipeline",),
+                                 on_queued=lambda: passed_on.append(1))
+    workers.args = [sys.executable, "-c", "print(); print(); print()"]
+    workers.start()
+    assert workers.proc is not None
+    workers.proc.wait(10)
+    deadline = time.monotonic() + 5
+    while len(passed_on) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert passed_on == [1, 1, 1]
+    workers.stop()
+
+
+@pytest.fixture
+def served(tmp_path: Path, db_url: str) -> Iterator[tuple[ServeProcess, Sink, int]]:
+    port, relay_port = free_port(), free_port()
+    sink = Sink()
+    relay = Controller(sink, hostname="127.0.0.1", port=relay_port)
+    relay.start()
+    _home(tmp_path / "home", db_url, relay_port, listen=f"127.0.0.1:{port}")
+    daemon = ServeProcess(tmp_path / "home", db_url)
+    yield daemon, sink, port
+    daemon.stop()
+    relay.stop()
+
+
+def test_broker_serve_runs_the_outbox_in_a_process_of_its_own(
+    served: tuple[ServeProcess, Sink, int],
+) -> None:
+    daemon, sink, port = served
+    daemon.start()
+    assert daemon.proc is not None
+    workers = _children(daemon.proc.pid)
+    roles = sorted(" ".join(a for a in _cmdline(p) if a in ("pipeline", "expiry", "outbox"))
+                   for p in workers)
+    assert roles == ["outbox", "pipeline expiry"], [_cmdline(p) for p in workers]
+    # Report after report: each review request reaches the relay without waiting for the
+    # outbox's idle poll (1 s): the pipeline's commit wakes it. (Report 0 is the first
+    # the processes see: it pays for their first imports, so it is not timed.)
+    waits = []
+    for n in range(6):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.sendmail(LEE, [f"sam@{DOMAIN}"],
+                          report(f"Report {n}").as_bytes(policy=policy.SMTP))
+        acked = time.monotonic()
+        deadline = acked + 20
+        while not _reviews(sink, f"Report {n}") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _reviews(sink, f"Report {n}"), daemon.log_text()
+        waits.append(time.monotonic() - acked)
+        time.sleep(0.3)  # the outbox idle again
+    assert max(waits[1:]) < 0.6, waits
+    review = _reviews(sink, "Report 5")[0]
+    assert review.msg.get_content_type() == "multipart/signed"
+
+
+def _reviews(sink: Sink, subject: str) -> list[Received]:
+    with sink.lock:
+        return [m for m in sink.messages if m.rcpt_tos == [GUARDIAN]
+                and subject in str(m.msg["Subject"])]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
