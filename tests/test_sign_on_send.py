@@ -2,9 +2,10 @@
 
 Stories:
 - provider sends report -> the pipeline queues the review request and the receipt as
-  composed (no signature yet) -> the relay is down: the outbox signs both, keeps the signed
-  bytes as their content, and cannot send -> the relay is back -> the very same signed
-  bytes reach it, and they verify with the broker's key;
+  composed (no signature yet) -> the outbox signs both and offers them: the relay says
+  451 -> next round the relay takes them, and the broker dies before recording it -> after
+  the restart they are sent again: all three tries carried the very same signed bytes,
+  which the copies then hold, and they verify with the broker's key;
 - a copy that cannot be signed stays queued, says why, and nothing of it is sent; it goes
   once signing works again;
 - `broker serve` runs the pipeline and the outbox in two worker processes, and the
@@ -98,8 +99,31 @@ def _verify(runtime: Runtime, data: bytes) -> pgpmime.Opened:
     return opened
 
 
-def test_the_outbox_signs_before_it_first_sends_and_a_retry_sends_the_same_bytes(
-    rt: tuple[Runtime, int],
+class RefusingFirst(Sink):
+    """A relay that reads each message and answers 451 to the first try of each recipient
+    (the bytes it was offered are kept in ``offered``), 250 after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offered: dict[str, bytes] = {}
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        rcpt = envelope.rcpt_tos[0]
+        if rcpt not in self.offered:
+            self.offered[rcpt] = envelope.content
+            return "451 4.3.0 try again later"
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _due_now(runtime: Runtime) -> None:
+    """Every queued copy due again (instead of waiting out the retry schedule or lease)."""
+    with runtime.db.session() as s:
+        for d in s.scalars(select(Delivery)):
+            d.next_attempt_at = d.created_at
+
+
+def test_the_outbox_signs_what_it_sends_and_a_retry_sends_the_same_bytes(
+    rt: tuple[Runtime, int], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     runtime, relay_port = rt
     _take_in_a_report(runtime)
@@ -111,44 +135,47 @@ def test_the_outbox_signs_before_it_first_sends_and_a_retry_sends_the_same_bytes
         assert d.sign_on_send and b"multipart/signed" not in composed
         assert d.sha256 == hashlib.sha256(composed).hexdigest()
 
+    sink = RefusingFirst()
+    relay = Controller(sink, hostname="127.0.0.1", port=relay_port)
+    relay.start()
     sender = OutboxSender(runtime)
     try:
-        # The relay is down: the copies are signed and kept, not sent.
+        # First try: signed, offered, refused (451). Nothing is stored for it.
         assert sender.run_once() == 2
-        signed = _queued(runtime)
-        assert [d.state for d in signed] == ["queued", "queued"]
-        kept = {}
-        for before, d in zip(queued, signed, strict=True):
-            data = runtime.content.get(d.content_ref)
-            assert not d.sign_on_send and d.content_ref != before.content_ref
-            assert d.sha256 == hashlib.sha256(data).hexdigest()
-            assert b"multipart/signed" in data
-            assert d.last_error  # why it is still here: the relay
-            kept[d.id] = data
+        after = _queued(runtime)
+        assert [(d.state, d.sign_on_send) for d in after] == [("queued", True)] * 2
+        assert [d.content_ref for d in after] == [d.content_ref for d in queued]
+        assert all(b"multipart/signed" in sink.offered[d.recipient] for d in queued)
+        # Second try: the relay takes them... and the broker dies before it writes that
+        # down (its outcomes are never recorded).
+        _due_now(runtime)
+        with monkeypatch.context() as m:
+            def crash(outcomes: object) -> None:
+                raise KeyboardInterrupt("killed")
 
-        sink = Sink()
-        relay = Controller(sink, hostname="127.0.0.1", port=relay_port)
-        relay.start()
-        try:
-            with runtime.db.session() as s:  # due again now (the retry schedule's wait)
-                for d in s.scalars(select(Delivery)):
-                    d.next_attempt_at = d.created_at
-            assert sender.run_once() == 2
-        finally:
-            relay.stop()
+            m.setattr(sender, "_record", crash)
+            with pytest.raises(KeyboardInterrupt):
+                sender.run_once()
+        assert [d.state for d in _queued(runtime)] == ["queued", "queued"]
+        # After the restart: sent again, and this time recorded.
+        _due_now(runtime)
+        assert sender.run_once() == 2
     finally:
         sender.close()
+        relay.stop()
     sent = _queued(runtime)
-    assert [d.state for d in sent] == ["sent", "sent"]
-    got: dict[str, Received] = {m.rcpt_tos[0]: m for m in sink.messages}
+    assert [(d.state, d.sign_on_send) for d in sent] == [("sent", False)] * 2
     for d in sent:
-        # What reached the relay is byte for byte what was signed and kept before the
-        # first attempt, and what the row's sha256 (and so the audit) names.
-        assert got[d.recipient].data == kept[d.id] == runtime.content.get(d.content_ref)
-        assert hashlib.sha256(got[d.recipient].data).hexdigest() == d.sha256
-        opened = _verify(runtime, got[d.recipient].data)
+        copies = [m.data for m in sink.messages if m.rcpt_tos == [d.recipient]]
+        # Every try carried the same bytes: the refused one, the one the crash hid, and
+        # the last; they are what the copy now holds and what its sha256 (so the audit)
+        # names, and they verify with the broker's key.
+        assert copies == [sink.offered[d.recipient]] * 2
+        assert runtime.content.get(d.content_ref) == copies[0]
+        assert d.sha256 == hashlib.sha256(copies[0]).hexdigest()
+        opened = _verify(runtime, copies[0])
         assert opened.message["Message-ID"] == d.message_id
-    review = _verify(runtime, got[GUARDIAN].data).message
+    review = _verify(runtime, sink.offered[GUARDIAN]).message
     assert "Review needed" in str(review["Subject"])
     assert "handwriting" in review.get_body(preferencelist=("plain",)).get_content()
 
@@ -164,7 +191,7 @@ def test_a_copy_that_cannot_be_signed_stays_queued_and_goes_once_it_can(
     sender = OutboxSender(runtime)
     try:
         with monkeypatch.context() as m:
-            def broken(data: bytes, signer: str | bytes) -> bytes:
+            def broken(data: bytes, signer: str | bytes, **kw: object) -> bytes:
                 raise pgp.PGPError("signing failed: the key cannot sign")
 
             m.setattr(pgpmime, "sign_bytes", broken)
@@ -173,9 +200,7 @@ def test_a_copy_that_cannot_be_signed_stays_queued_and_goes_once_it_can(
         assert [(d.state, d.sign_on_send, d.last_error) for d in rows] == [
             ("queued", True, "signing failed")] * 2
         assert sink.messages == []  # nothing unsigned, nothing at all, left
-        with runtime.db.session() as s:
-            for d in s.scalars(select(Delivery)):
-                d.next_attempt_at = d.created_at
+        _due_now(runtime)
         assert sender.run_once() == 2
     finally:
         sender.close()

@@ -444,12 +444,19 @@ def sign_and_encrypt(
     return armor(packets, "MESSAGE")
 
 
-def sign_detached(data: bytes, signer_private: str | bytes) -> str:
-    """An armored detached binary signature (SHA-256) over exactly ``data``."""
+def sign_detached(data: bytes, signer_private: str | bytes,
+                  created: datetime | None = None) -> str:
+    """An armored detached binary signature (SHA-256) over exactly ``data``.
+
+    ``created``: the signature's creation time (never before the key's own), instead of
+    now. The broker's key is Ed25519, whose signatures are deterministic: the same data,
+    key and time give the same signature, byte for byte."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sig = _private(signer_private).sign(bytes(data), hash=HASH)
+            key = _private(signer_private)
+            when = None if created is None else max(created, key.created)
+            sig = key.sign(bytes(data), hash=HASH, created=when)
             return armor(bytes(sig), "SIGNATURE")
     except PGPError:
         raise

@@ -13,9 +13,10 @@ notices are not held back that way (each stands alone). A relay that was down th
 gets each recipient's backlog in order, whatever each copy's own backoff says.
 
 A copy queued with ``sign_on_send`` (everything the broker queues that is not encrypted)
-is signed here with the broker's key, outside any transaction, and the signed bytes then
-replace the copy's content and sha256 in one short transaction for the round, before
-anything is sent: a retry, after a crash or a refusal, sends those same bytes again.
+is signed here with the broker's key, outside any transaction, and its signed bytes replace
+its content and sha256 with its "sent" outcome. A retry (after a refusal, or a crash after
+the relay took it) signs it again, to the same bytes: the signature's time is the copy's
+queueing time and Ed25519 signatures are deterministic.
 
 What happened to a round's copies is written in one transaction at the end of the
 round (sooner when the round runs long): one commit (one fsync, one turn at SQLite's
@@ -75,6 +76,7 @@ class Claimed:
     record_id: int | None = None
     kind: str = "release"
     sign_on_send: bool = False
+    signed: bytes | None = None  # the bytes to send, when they were signed this round
 
 
 @dataclass(frozen=True)
@@ -178,43 +180,36 @@ class OutboxSender:
         return claimed
 
     def sign(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Outcome]]:
-        """The claimed copies with their signatures made and stored (content_ref now the
-        signed bytes), and the outcomes of those that could not be signed. The signing
-        runs outside any transaction (it is the slow part); storing the signed bytes is
-        one transaction for the round."""
-        todo = [c for c in claimed if c.sign_on_send]
-        if not todo:
-            return claimed, []
-        signed: dict[int, bytes] = {}
+        """The claimed copies, those queued as composed now carrying their signed bytes
+        (``signed``), and the outcomes of those that could not be signed. No transaction:
+        the signed bytes are kept with the copy's "sent" outcome. Until then nothing of
+        them is stored, and none is needed: the signature's time is the copy's queueing
+        time and the broker's Ed25519 signatures are deterministic, so signing again for
+        a retry (after a refusal, or a crash after the relay took the copy) gives the
+        same bytes."""
+        out: list[Claimed] = []
         failed: list[Outcome] = []
-        for item in todo:
+        for item in claimed:
+            if not item.sign_on_send:
+                out.append(item)
+                continue
             data = self.rt.content.get(item.content_ref)
             if self.signer is None:
                 # The key is gone since this was queued: it goes as composed, like all mail
                 # of a home without a key (broker.crypto.outbound.protect).
-                signed[item.id] = data
+                out.append(dataclasses.replace(item, signed=data))
                 continue
             try:
-                signed[item.id] = pgpmime.sign_bytes(data, self.signer)
+                signed = pgpmime.sign_bytes(data, self.signer, created=item.created_at)
             except pgpmime.PGPError as exc:
                 # The operator's problem (an expired or damaged key), not the recipient's:
                 # kept queued, never given up for it.
                 log.error("outbox: copy %s could not be signed (%s); it stays queued",
                           item.id, type(exc).__name__)
                 failed.append(Outcome(item, "temporary", "signing failed", keep=True))
-        refs: dict[int, str] = {}
-        with self.rt.db.session() as s:
-            for delivery_id, data in signed.items():
-                row = s.get(Delivery, delivery_id)
-                assert row is not None
-                if row.sign_on_send:
-                    row.content_ref = self.rt.content.put(data, s)
-                    row.sha256 = hashlib.sha256(data).hexdigest()
-                    row.sign_on_send = False
-                refs[delivery_id] = row.content_ref
-        ready = [dataclasses.replace(c, content_ref=refs[c.id], sign_on_send=False)
-                 if c.id in refs else c for c in claimed if c.id in refs or not c.sign_on_send]
-        return ready, failed
+                continue
+            out.append(dataclasses.replace(item, signed=signed))
+        return out, failed
 
     def run_once(self) -> int:
         """Sends what is due; returns how many copies were handled."""
@@ -251,7 +246,8 @@ class OutboxSender:
                     outcomes.append(Outcome(item, "deferred"))
                     continue
                 try:
-                    data = self.rt.content.get(item.content_ref)
+                    data = (item.signed if item.signed is not None
+                            else self.rt.content.get(item.content_ref))
                     relay.send(bounce_address(item.id, domain), item.recipient, data)
                 except RelayUnavailable as exc:
                     down = exc
@@ -320,6 +316,11 @@ class OutboxSender:
         # (the copy left anyway) or sees it sent.
         row = s.get(Delivery, item.id, with_for_update=True)
         assert row is not None
+        if item.signed is not None and row.sign_on_send:
+            # What left is what the copy holds from now on, and what its hash names.
+            row.content_ref = self.rt.content.put(item.signed, s)
+            row.sha256 = hashlib.sha256(item.signed).hexdigest()
+            row.sign_on_send = False
         if row.state == "sent":
             return
         # Cancelled (its consent revoked) while it was already with the relay: it went
