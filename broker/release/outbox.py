@@ -47,6 +47,7 @@ def enqueue(
         next_attempt_at=utcnow(),
         sign_on_send=sign_on_send,
     )
+    # Flushed with the transaction's next statement or its commit (no flush of its own:
+    # a record's copies then go to the database in one round trip).
     s.add(delivery)
-    s.flush()
     return delivery

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from broker.audit.log import record_event
 from broker.crypto import pgpmime
@@ -189,11 +189,12 @@ class OutboxSender:
         same bytes."""
         out: list[Claimed] = []
         failed: list[Outcome] = []
+        composed = self.rt.content.get_many([c.content_ref for c in claimed if c.sign_on_send])
         for item in claimed:
             if not item.sign_on_send:
                 out.append(item)
                 continue
-            data = self.rt.content.get(item.content_ref)
+            data = composed[item.content_ref]
             if self.signer is None:
                 # The key is gone since this was queued: it goes as composed, like all mail
                 # of a home without a key (broker.crypto.outbound.protect).
@@ -299,9 +300,20 @@ class OutboxSender:
 
     def _write(self, outcomes: list[Outcome]) -> None:
         with self.rt.db.session() as s:
+            # The copies sent or failed for good, locked in one statement (id order, as
+            # every sender locks them), and their records with their children: one query
+            # each instead of one per copy.
+            final = [o.item.id for o in outcomes if o.kind in ("sent", "permanent")]
+            locked = {row.id: row for row in s.scalars(
+                select(Delivery).where(Delivery.id.in_(final)).order_by(Delivery.id)
+                .with_for_update())} if final else {}
+            records = {o.item.record_id for o in outcomes if o.item.record_id is not None}
+            if records:
+                s.scalars(select(Record).where(Record.id.in_(records))
+                          .options(selectinload(Record.child))).all()
             for o in outcomes:
                 if o.kind == "sent":
-                    self._mark_sent(s, o.item)
+                    self._mark_sent(s, o.item, locked[o.item.id])
                 elif o.kind == "temporary":
                     self._mark_temporary(s, o.item, o.error, o.keep)
                 elif o.kind == "permanent":
@@ -311,11 +323,9 @@ class OutboxSender:
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def _mark_sent(self, s: Session, item: Claimed) -> None:
-        # Locked: a revocation cancelling this copy right now is either seen here
-        # (the copy left anyway) or sees it sent.
-        row = s.get(Delivery, item.id, with_for_update=True)
-        assert row is not None
+    def _mark_sent(self, s: Session, item: Claimed, row: Delivery) -> None:
+        # ``row`` is locked: a revocation cancelling this copy right now is either seen
+        # here (the copy left anyway) or sees it sent.
         if item.signed is not None and row.sign_on_send:
             # What left is what the copy holds from now on, and what its hash names.
             row.content_ref = self.rt.content.put(item.signed, s)
