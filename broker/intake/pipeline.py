@@ -433,10 +433,7 @@ class Pipeline:
             # Loops: nothing from the broker's own domain is answered or forwarded.
             self._quarantine(s, record, own, notify=False)
             return
-        sender = s.scalar(
-            select(Person).where(Person.child_id == child.id, Person.email == from_addr,
-                                 Person.active.is_(True))
-        )
+        sender = next((p for p in active_people(s, child) if p.email == from_addr), None)
         if sender is None:
             self._quarantine(s, record, "the sender is not on the team")
             return

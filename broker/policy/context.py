@@ -7,8 +7,8 @@ import datetime as dt
 import json
 from collections.abc import Sequence
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, SessionTransaction
 
 from broker.db.models import Child, Person, Record
 from broker.policy.authority import Authority, Decider, authority
@@ -28,9 +28,34 @@ def team_members(people: Sequence[Person]) -> list[Member]:
     return [member(p) for p in people if p.active and p.role in ("provider", "school")]
 
 
+# Session.info key: the active people read per child in the current transaction.
+_PEOPLE = "broker.active_people"
+
+
 def active_people(s: Session, child: Child) -> list[Person]:
-    return list(s.scalars(select(Person).where(Person.child_id == child.id,
-                                               Person.active.is_(True)).order_by(Person.id)))
+    """The child's active people, by id. Read once per transaction (a message's savepoint):
+    taking one decision in asks for them four or five times (policy, authority, audience,
+    guardians), and only a team's apply changes them, whose flush clears what was read."""
+    cache: dict[int, list[Person]] = s.info.setdefault(_PEOPLE, {})
+    people = cache.get(child.id)
+    if people is None:
+        people = cache[child.id] = list(s.scalars(
+            select(Person).where(Person.child_id == child.id, Person.active.is_(True))
+            .order_by(Person.id)))
+    return list(people)
+
+
+@event.listens_for(Session, "after_flush")
+def _people_changed(session: Session, _context: object) -> None:
+    if any(isinstance(o, Person) for o in (*session.new, *session.dirty, *session.deleted)):
+        session.info.pop(_PEOPLE, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
+    # A transaction or a savepoint; not the inner "subtransaction" every flush makes.
+    if transaction.parent is None or transaction.nested:
+        session.info.pop(_PEOPLE, None)
 
 
 def decider(p: Person) -> Decider:

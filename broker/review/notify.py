@@ -20,6 +20,7 @@ from broker.crypto.outbound import protect, withheld
 from broker.db.models import AuditEvent, Child, Delivery, Person, Record, utcnow
 from broker.mail import compose as mc
 from broker.mail.document import Attachment, Document, ReleaseContent
+from broker.policy.context import active_people
 from broker.release.outbox import enqueue
 from broker.review import render
 
@@ -35,13 +36,7 @@ UNCAPPED_NOTICES = frozenset({"decided_released", "decided_denied", "release_fai
 
 
 def guardians(s: Session, child: Child) -> list[Person]:
-    return list(
-        s.scalars(
-            select(Person).where(
-                Person.child_id == child.id, Person.role == "guardian", Person.active.is_(True)
-            ).order_by(Person.id)
-        )
-    )
+    return [p for p in active_people(s, child) if p.role == "guardian"]
 
 
 def as_shown(people: Sequence[Person]) -> tuple[render.Person, ...]:

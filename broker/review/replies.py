@@ -43,7 +43,7 @@ from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
 from broker.mail.reply import extract_reply_from_message
 from broker.policy.authority import Authority, Decider
-from broker.policy.context import authority_for, evaluation_of, record_audience
+from broker.policy.context import active_people, authority_for, evaluation_of, record_audience
 from broker.policy.recipients import default_recipients
 from broker.policy.rules import Rules
 from broker.records import states
@@ -115,11 +115,8 @@ def handle_reply(
     token_text, token = found[0]
     child = record.child
 
-    guardian = s.scalar(
-        select(Person).where(Person.child_id == child.id, Person.email == from_addr,
-                             Person.role.in_(("guardian", "student")),
-                             Person.active.is_(True))
-    )
+    guardian = next((p for p in active_people(s, child) if p.email == from_addr
+                     and p.role in ("guardian", "student")), None)
     if guardian is None:
         inbound.outcome = "refused: not a guardian of this child"
         audit("reply_refused", record, reason="not_guardian", sender=from_addr)
@@ -196,8 +193,7 @@ def handle_reply(
                               get_blob=lambda ref: rt.content.get(ref, s))
     draft = (draft_from_bytes(rt.content.get(record.draft_ref, s)) if record.draft_ref
              else Draft())
-    team_people = s.scalars(select(Person).where(Person.child_id == child.id,
-                                                 Person.active.is_(True))).all()
+    team_people = active_people(s, child)
     team = Team(members=tuple(
         TeamMember(email=p.email, name=p.name, role=p.role,
                    tags=tuple(json.loads(p.tags or "[]")))
