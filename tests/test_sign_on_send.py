@@ -16,6 +16,8 @@ SQLite and PostgreSQL, real SMTP relay (aiosmtpd), real spool and database.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import smtplib
 import subprocess
 import sys
@@ -308,3 +310,22 @@ def _children(pid: int) -> list[int]:
 
 def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+def test_an_outbox_process_that_dies_is_started_again(
+    served: tuple[ServeProcess, Sink, int],
+) -> None:
+    daemon, sink, port = served
+    daemon.start()
+    assert daemon.proc is not None
+    outbox = next(p for p in _children(daemon.proc.pid) if "outbox" in _cmdline(p))
+    os.kill(outbox, signal.SIGKILL)
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.sendmail(LEE, [f"sam@{DOMAIN}"], report("After").as_bytes(policy=policy.SMTP))
+    deadline = time.monotonic() + 30
+    while not _reviews(sink, "After") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _reviews(sink, "After"), daemon.log_text()
+    again = [p for p in _children(daemon.proc.pid) if "outbox" in _cmdline(p)]
+    assert again and outbox not in again
+    assert "worker process (outbox) exited" in daemon.log_text()

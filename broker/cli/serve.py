@@ -140,6 +140,7 @@ class _Workers:
 
     def __init__(self, home: object, log_level: str, roles: tuple[str, ...],
                  on_queued: Callable[[], None] | None = None) -> None:
+        self.roles = roles
         self.args = [sys.executable, "-m", "broker.cli.main", "serve", "--home", str(home),
                      "--log-level", log_level, "--wake-stdin",
                      *[x for r in roles for x in ("--role", r)]]
@@ -188,7 +189,8 @@ class _Workers:
     def restart_if_dead(self) -> None:
         with self.lock:
             if self.proc is not None and self.proc.poll() is not None:
-                log.error("worker process exited with %s; restarting", self.proc.returncode)
+                log.error("worker process (%s) exited with %s; restarting",
+                          ", ".join(self.roles), self.proc.returncode)
                 self.start()
 
     def stop(self) -> None:
