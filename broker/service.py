@@ -32,6 +32,8 @@ from broker.schedule.run import run_schedule
 log = logging.getLogger(__name__)
 # How long a deferred pipeline round waits before it looks again.
 BURST_TICK = 0.05
+# How long the intake's materialiser gathers records before it writes and flushes them.
+MATERIALISE_GATHER = 0.005
 
 
 # Errors that mean "the database cannot be reached or cannot write", as opposed to a bug.
@@ -217,10 +219,24 @@ class Service:
         self.gate = DatabaseGate()
         self.slugs = SlugCache(self.rt, gate=self.gate)
         local_pipeline = "pipeline" in roles
+        # An intake without a pipeline beside it (broker serve's first process) also turns
+        # the journal's records into spool files, on a thread of its own, while the
+        # intake is not in a burst: writing and flushing them took a quarter of the
+        # pipeline process's time, and this process has CPU to spare between bursts.
+        # The pipeline still does it for whatever it finds not done yet.
+        self.materialise_wake = threading.Event()
+        self.materialise_stop = threading.Event()
+        self._materialising = "intake" in roles and not local_pipeline
+        self.intake_burst = (BurstDeferral(settings.burst_rate, settings.burst_wait)
+                             if self._materialising and settings.burst_rate > 0 else None)
 
         def stored(spool_id: str) -> None:
             if local_pipeline:
                 self.notify(spool_id)
+            if self._materialising:
+                if self.intake_burst is not None:
+                    self.intake_burst.arrived()
+                self.materialise_wake.set()
             if on_stored is not None:
                 on_stored(spool_id)
 
@@ -262,6 +278,10 @@ class Service:
             # The fetcher waits itself (IDLE, polling, backoff): no idle pause here.
             workers.append(Worker("imap", self.imap.step, self.imap_stop, 0.0))
         self.workers = [w for w in workers if w.name.removesuffix("-large") in roles]
+        if self._materialising:
+            self.workers.append(Worker("materialise", self._materialise_step,
+                                       self.materialise_stop, poll,
+                                       wake=self.materialise_wake))
 
     def notify(self, spool_id: str) -> None:
         """A message was stored: both pipelines look (each takes only its sizes)."""
@@ -298,6 +318,17 @@ class Service:
         if did:
             self.gate.pipeline_worked()
         return did
+
+    def _materialise_step(self) -> int:
+        """The journal's records as spool files (broker.intake.spool.Spool.materialise),
+        shortly after they were stored: a few milliseconds' wait gathers the records of
+        several sessions into one flush. None during an intake burst."""
+        if self.intake_burst is not None and self.intake_burst.in_burst():
+            self.materialise_stop.wait(BURST_TICK)
+            self.materialise_wake.set()  # look again when the burst may be over
+            return 0
+        self.materialise_stop.wait(MATERIALISE_GATHER)
+        return self.rt.spool.materialise()
 
     def _imap_fetcher(self, settings: Settings,
                       stored: Callable[[str], None]) -> ImapFetcher:
@@ -350,6 +381,12 @@ class Service:
         self.server.stop()
         self.slugs.stop()
         self.handler.close()
+        # The materialiser before the spool closes (the pipeline makes what it left).
+        self.materialise_stop.set()
+        for w in self.workers:
+            if w.name == "materialise":
+                w.wake.set()
+                w.join(timeout=30)
         self.rt.spool.close()
         self.stop_event.set()
         for w in self.workers:

@@ -38,8 +38,10 @@ from broker.crypto import vault as vaults
 from broker.crypto.keys import broker_public_key, create_broker_key
 from broker.db.engine import Database
 from broker.db.models import Delivery
+from broker.intake import journal as jnl
+from broker.intake.burst import BurstDeferral
 from broker.intake.pipeline import Pipeline
-from broker.intake.spool import Envelope
+from broker.intake.spool import Envelope, Spool
 from broker.release.sender import OutboxSender
 from broker.runtime import Runtime
 from broker.service import Service
@@ -329,3 +331,61 @@ def test_an_outbox_process_that_dies_is_started_again(
     again = [p for p in _children(daemon.proc.pid) if "outbox" in _cmdline(p)]
     assert again and outbox not in again
     assert "worker process (outbox) exited" in daemon.log_text()
+
+
+# -- broker serve's intake process makes the journal's spool files ---------------------------
+
+
+def _files(spool: Spool) -> int:
+    """Spool files there are (Spool.message_files would make the journal's first)."""
+    return len(list(spool.root.glob("*.eml")))
+
+
+def test_the_intake_process_turns_journal_records_into_spool_files(
+    rt: tuple[Runtime, int],
+) -> None:
+    """The intake of `broker serve` appends small mail to the spool's journal; its own
+    thread turns the records into spool files shortly after (the pipeline process then
+    finds them made), but not while the intake is in a burst."""
+    runtime, _ = rt
+    settings = config.Settings(**{**runtime.settings.__dict__, "listen_port": free_port()})
+    service = Service(settings, roles=("intake",))
+    service.start()
+
+    def send(subject: str) -> None:
+        with smtplib.SMTP("127.0.0.1", service.port, timeout=30) as smtp:
+            smtp.sendmail(LEE, [f"sam@{DOMAIN}"], report(subject).as_bytes(policy=policy.SMTP))
+
+    def files_reach(n: int) -> bool:
+        deadline = time.monotonic() + 10
+        while _files(spool) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return _files(spool) == n
+
+    try:
+        spool = service.rt.spool
+        # The journal's first segment is prepared while the first messages are stored (as
+        # files); from then on small mail goes to the journal.
+        sent = 0
+        while not jnl.segments(spool.journal_dir) and sent < 50:
+            send(f"Warm-up {sent}")
+            sent += 1
+            time.sleep(0.05)
+        assert jnl.segments(spool.journal_dir), "the journal never started"
+        assert files_reach(sent)
+        for n in range(3):
+            send(f"Report {n}")
+        sent += 3
+        assert files_reach(sent)  # made here: no pipeline runs at all
+
+        # In a burst the thread leaves the journal alone (the intake has the machine).
+        time.sleep(0.2)  # its round after the last one is over
+        service.intake_burst = burst = BurstDeferral(rate=10, longest=30, window=1.0)
+        for _ in range(burst.count):
+            burst.arrived()
+        send("In the burst")
+        time.sleep(0.3)
+        assert burst.in_burst() and _files(spool) == sent
+        assert files_reach(sent + 1)  # the burst ends a second after its last arrival
+    finally:
+        service.stop()
