@@ -185,7 +185,8 @@ class Service:
     def __init__(self, settings: Settings, poll: float = 1.0,
                  roles: tuple[str, ...] = ROLES,
                  on_stored: Callable[[str], None] | None = None,
-                 on_queued: Callable[[], None] | None = None) -> None:
+                 on_queued: Callable[[], None] | None = None,
+                 materialise: bool = False) -> None:
         unknown = set(roles) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
@@ -219,24 +220,23 @@ class Service:
         self.gate = DatabaseGate()
         self.slugs = SlugCache(self.rt, gate=self.gate)
         local_pipeline = "pipeline" in roles
-        # An intake without a pipeline beside it (broker serve's first process) also turns
-        # the journal's records into spool files, on a thread of its own, while the
-        # intake is not in a burst: writing and flushing them took a quarter of the
-        # pipeline process's time, and this process has CPU to spare between bursts.
-        # The pipeline still does it for whatever it finds not done yet.
+        # ``materialise``: this process also turns the spool journal's records into spool
+        # files, on a thread of its own, woken by `stored_elsewhere` (broker serve's
+        # outbox process: the intake's process must keep its interpreter for the SMTP
+        # sessions, and writing and flushing the files took a quarter of the pipeline
+        # process's time). Never during an intake burst. The pipeline still does it for
+        # whatever it finds not done yet.
         self.materialise_wake = threading.Event()
         self.materialise_stop = threading.Event()
-        self._materialising = "intake" in roles and not local_pipeline
+        self._materialising = materialise
         self.intake_burst = (BurstDeferral(settings.burst_rate, settings.burst_wait)
-                             if self._materialising and settings.burst_rate > 0 else None)
+                             if materialise and settings.burst_rate > 0 else None)
 
         def stored(spool_id: str) -> None:
             if local_pipeline:
                 self.notify(spool_id)
             if self._materialising:
-                if self.intake_burst is not None:
-                    self.intake_burst.arrived()
-                self.materialise_wake.set()
+                self.stored_elsewhere()
             if on_stored is not None:
                 on_stored(spool_id)
 
@@ -318,6 +318,12 @@ class Service:
         if did:
             self.gate.pipeline_worked()
         return did
+
+    def stored_elsewhere(self) -> None:
+        """The intake stored a message (thread-safe): the materialiser looks soon."""
+        if self.intake_burst is not None:
+            self.intake_burst.arrived()
+        self.materialise_wake.set()
 
     def _materialise_step(self) -> int:
         """The journal's records as spool files (broker.intake.spool.Spool.materialise),

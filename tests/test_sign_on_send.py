@@ -333,7 +333,7 @@ def test_an_outbox_process_that_dies_is_started_again(
     assert "worker process (outbox) exited" in daemon.log_text()
 
 
-# -- broker serve's intake process makes the journal's spool files ---------------------------
+# -- broker serve's outbox process makes the journal's spool files ---------------------------
 
 
 def _files(spool: Spool) -> int:
@@ -341,19 +341,24 @@ def _files(spool: Spool) -> int:
     return len(list(spool.root.glob("*.eml")))
 
 
-def test_the_intake_process_turns_journal_records_into_spool_files(
+def test_the_outbox_process_turns_journal_records_into_spool_files(
     rt: tuple[Runtime, int],
 ) -> None:
-    """The intake of `broker serve` appends small mail to the spool's journal; its own
-    thread turns the records into spool files shortly after (the pipeline process then
-    finds them made), but not while the intake is in a burst."""
+    """The intake of `broker serve` appends small mail to the spool's journal and tells
+    the outbox's process, whose own thread turns the records into spool files shortly
+    after (the pipeline process then finds them made), but not while the intake is in a
+    burst. The intake's process keeps its interpreter for the SMTP sessions."""
     runtime, _ = rt
     settings = config.Settings(**{**runtime.settings.__dict__, "listen_port": free_port()})
-    service = Service(settings, roles=("intake",))
+    service = Service(settings, roles=("outbox",), materialise=True)
+    intake = Service(settings, roles=("intake",),
+                     on_stored=lambda spool_id: service.stored_elsewhere())
+    assert not any(w.name == "materialise" for w in intake.workers)
     service.start()
+    intake.start()
 
     def send(subject: str) -> None:
-        with smtplib.SMTP("127.0.0.1", service.port, timeout=30) as smtp:
+        with smtplib.SMTP("127.0.0.1", intake.port, timeout=30) as smtp:
             smtp.sendmail(LEE, [f"sam@{DOMAIN}"], report(subject).as_bytes(policy=policy.SMTP))
 
     def files_reach(n: int) -> bool:
@@ -363,7 +368,7 @@ def test_the_intake_process_turns_journal_records_into_spool_files(
         return _files(spool) == n
 
     try:
-        spool = service.rt.spool
+        spool = intake.rt.spool
         # The journal's first segment is prepared while the first messages are stored (as
         # files); from then on small mail goes to the journal.
         sent = 0
@@ -388,4 +393,5 @@ def test_the_intake_process_turns_journal_records_into_spool_files(
         assert burst.in_burst() and _files(spool) == sent
         assert files_reach(sent + 1)  # the burst ends a second after its last arrival
     finally:
+        intake.stop()
         service.stop()

@@ -30,6 +30,8 @@ from broker.service import ROLES, Service
 log = logging.getLogger("broker.serve")
 WORKER_ROLES = ("pipeline", "expiry")
 OUTBOX_ROLES = ("outbox",)
+# The line that tells a worker process "a message was stored" (never a spool id).
+STORED = "stored"
 
 
 @click.command()
@@ -46,8 +48,10 @@ OUTBOX_ROLES = ("outbox",)
               help="Wake the pipeline on each byte read from standard input; stop at EOF.")
 @click.option("--announce-queued", is_flag=True, hidden=True,
               help="Write a line to standard output whenever mail was queued for the outbox.")
+@click.option("--materialise", is_flag=True, hidden=True,
+              help="Also turn the spool journal's records into files (woken by 'stored').")
 def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_process: bool,
-          wake_stdin: bool, announce_queued: bool) -> None:
+          wake_stdin: bool, announce_queued: bool, materialise: bool) -> None:
     """Run the SMTP intake, pipeline, outbox sender and scheduler (expiry, reminders)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return_large_blocks()  # a 25 MB message's memory goes back when it is done with
@@ -65,7 +69,8 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
 
     if roles or single_process:
         service = Service(settings, roles=roles or ROLES,
-                          on_queued=_announce_queued() if announce_queued else None)
+                          on_queued=_announce_queued() if announce_queued else None,
+                          materialise=materialise)
         if wake_stdin:
             threading.Thread(target=_read_wakeups, args=(service, stop), daemon=True).start()
         _start(service, settings)
@@ -75,10 +80,16 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
 
     # Two worker processes: the pipeline (and the scheduler), and the outbox, each with a
     # CPU of its own; the pipeline's "queued" announcements wake the outbox through here.
-    outbox = _Workers(settings.home, log_level, OUTBOX_ROLES)
+    # The outbox's process also turns the intake's journal records into spool files.
+    outbox = _Workers(settings.home, log_level, OUTBOX_ROLES, materialise=True)
     workers = _Workers(settings.home, log_level, WORKER_ROLES, on_queued=outbox.wake_up)
+
+    def stored(spool_id: str) -> None:
+        workers.wake(spool_id)
+        outbox.wake(STORED)
+
     # The mailbox fetcher ([imap]) stores into the spool like the SMTP intake: it runs here.
-    service = Service(settings, roles=("intake", "imap"), on_stored=workers.wake)
+    service = Service(settings, roles=("intake", "imap"), on_stored=stored)
     outbox.start()
     workers.start()
     _start(service, settings)
@@ -104,10 +115,13 @@ def _start(service: Service, settings: config.Settings) -> None:
 
 
 def _read_wakeups(service: Service, stop: threading.Event) -> None:
-    """One spool id per line from the intake process; EOF means it is gone."""
+    """One spool id per line from the intake process (STORED: some message was stored;
+    an empty line: look for work); EOF means it is gone."""
     for line in sys.stdin.buffer:
         spool_id = line.strip().decode("ascii", "replace")
-        if spool_id:
+        if spool_id == STORED:
+            service.stored_elsewhere()
+        elif spool_id:
             service.notify(spool_id)
         else:
             service.pipeline_wake.set()
@@ -139,13 +153,16 @@ class _Workers:
     ``on_queued``: called for each line the process writes (it announces queued mail)."""
 
     def __init__(self, home: object, log_level: str, roles: tuple[str, ...],
-                 on_queued: Callable[[], None] | None = None) -> None:
+                 on_queued: Callable[[], None] | None = None,
+                 materialise: bool = False) -> None:
         self.roles = roles
         self.args = [sys.executable, "-m", "broker.cli.main", "serve", "--home", str(home),
                      "--log-level", log_level, "--wake-stdin",
                      *[x for r in roles for x in ("--role", r)]]
         if on_queued is not None:
             self.args.append("--announce-queued")
+        if materialise:
+            self.args.append("--materialise")
         self.on_queued = on_queued
         self.proc: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
