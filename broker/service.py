@@ -32,8 +32,11 @@ from broker.schedule.run import run_schedule
 log = logging.getLogger(__name__)
 # How long a deferred pipeline round waits before it looks again.
 BURST_TICK = 0.05
-# How long the intake's materialiser gathers records before it writes and flushes them.
+# How long the materialiser gathers records before it writes and flushes them.
 MATERIALISE_GATHER = 0.005
+# How long the pipeline waits for another process (materialised_elsewhere) to make an
+# announced message's spool file before it makes it itself.
+JOURNAL_WAIT = 0.05
 
 
 # Errors that mean "the database cannot be reached or cannot write", as opposed to a bug.
@@ -186,7 +189,7 @@ class Service:
                  roles: tuple[str, ...] = ROLES,
                  on_stored: Callable[[str], None] | None = None,
                  on_queued: Callable[[], None] | None = None,
-                 materialise: bool = False) -> None:
+                 materialise: bool = False, materialised_elsewhere: bool = False) -> None:
         unknown = set(roles) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
@@ -199,7 +202,8 @@ class Service:
         # Two pipelines split the spool by size, each on its own thread: a 25 MB report
         # takes seconds to take in, and the small records behind it must not wait (its
         # slow part runs outside the transaction, see Pipeline._parse_large).
-        self.pipeline = Pipeline(self.rt, sizes="small")
+        self.pipeline = Pipeline(self.rt, sizes="small",
+                                 journal_wait=JOURNAL_WAIT if materialised_elsewhere else 0.0)
         self.large_pipeline = Pipeline(self.rt, sizes="large")
         # Mail was queued: wake the outbox, here or (on_queued) in its own process.
         queued = (self.sender_wake.set if "outbox" in roles or on_queued is None

@@ -395,3 +395,38 @@ def test_the_outbox_process_turns_journal_records_into_spool_files(
     finally:
         intake.stop()
         service.stop()
+
+
+def test_the_pipelines_leave_journal_records_to_the_materialiser_for_a_moment(
+    rt: tuple[Runtime, int],
+) -> None:
+    """The large pipeline never makes files of the journal (it holds small mail only);
+    the small one waits `journal_wait` for another process to, then makes them itself."""
+    runtime, _ = rt
+    settings = config.Settings(**{**runtime.settings.__dict__, "listen_port": free_port()})
+    intake = Service(settings, roles=("intake",))  # nobody makes the journal's files
+    intake.start()
+    try:
+        spool = intake.rt.spool
+        ids: list[str] = []
+        intake.handler.on_stored = ids.append
+        while not jnl.segments(spool.journal_dir) and len(ids) < 50:
+            with smtplib.SMTP("127.0.0.1", intake.port, timeout=30) as smtp:
+                smtp.sendmail(LEE, [f"sam@{DOMAIN}"], report().as_bytes(policy=policy.SMTP))
+            time.sleep(0.05)
+        before = _files(spool)
+        with smtplib.SMTP("127.0.0.1", intake.port, timeout=30) as smtp:
+            smtp.sendmail(LEE, [f"sam@{DOMAIN}"], report("Journal").as_bytes(policy=policy.SMTP))
+        in_journal = ids[-1]
+        assert _files(spool) == before  # still a journal record
+
+        assert Pipeline(runtime, sizes="large")._entries([in_journal]) == []
+        assert _files(spool) == before  # the large pipeline made nothing
+        small = Pipeline(runtime, sizes="small", journal_wait=0.2)
+        started = time.monotonic()
+        [entry] = small._entries([in_journal])
+        assert time.monotonic() - started >= 0.2  # it waited, then made it itself
+        assert entry.id == in_journal and entry.eml_path.exists()
+        assert _files(spool) > before
+    finally:
+        intake.stop()

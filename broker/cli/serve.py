@@ -50,8 +50,11 @@ STORED = "stored"
               help="Write a line to standard output whenever mail was queued for the outbox.")
 @click.option("--materialise", is_flag=True, hidden=True,
               help="Also turn the spool journal's records into files (woken by 'stored').")
+@click.option("--materialised-elsewhere", is_flag=True, hidden=True,
+              help="Another process turns the journal's records into files: wait for them.")
 def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_process: bool,
-          wake_stdin: bool, announce_queued: bool, materialise: bool) -> None:
+          wake_stdin: bool, announce_queued: bool, materialise: bool,
+          materialised_elsewhere: bool) -> None:
     """Run the SMTP intake, pipeline, outbox sender and scheduler (expiry, reminders)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return_large_blocks()  # a 25 MB message's memory goes back when it is done with
@@ -70,7 +73,8 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
     if roles or single_process:
         service = Service(settings, roles=roles or ROLES,
                           on_queued=_announce_queued() if announce_queued else None,
-                          materialise=materialise)
+                          materialise=materialise,
+                          materialised_elsewhere=materialised_elsewhere)
         if wake_stdin:
             threading.Thread(target=_read_wakeups, args=(service, stop), daemon=True).start()
         _start(service, settings)
@@ -82,7 +86,8 @@ def serve(home: str | None, log_level: str, roles: tuple[str, ...], single_proce
     # CPU of its own; the pipeline's "queued" announcements wake the outbox through here.
     # The outbox's process also turns the intake's journal records into spool files.
     outbox = _Workers(settings.home, log_level, OUTBOX_ROLES, materialise=True)
-    workers = _Workers(settings.home, log_level, WORKER_ROLES, on_queued=outbox.wake_up)
+    workers = _Workers(settings.home, log_level, WORKER_ROLES, on_queued=outbox.wake_up,
+                       extra=("--materialised-elsewhere",))
 
     def stored(spool_id: str) -> None:
         workers.wake(spool_id)
@@ -154,7 +159,7 @@ class _Workers:
 
     def __init__(self, home: object, log_level: str, roles: tuple[str, ...],
                  on_queued: Callable[[], None] | None = None,
-                 materialise: bool = False) -> None:
+                 materialise: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.roles = roles
         self.args = [sys.executable, "-m", "broker.cli.main", "serve", "--home", str(home),
                      "--log-level", log_level, "--wake-stdin",
@@ -163,6 +168,7 @@ class _Workers:
             self.args.append("--announce-queued")
         if materialise:
             self.args.append("--materialise")
+        self.args += extra
         self.on_queued = on_queued
         self.proc: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()

@@ -69,6 +69,8 @@ FYI_TOKEN_LIFETIME = dt.timedelta(days=90)
 BATCH = 5
 # How often the spool directory is listed in full when no announcement arrives.
 RESCAN_SECONDS = 2.0
+# How often the pipeline looks for the files it waits for (see journal_wait).
+JOURNAL_POLL = 0.002
 # Messages above this size are "large": the service takes them in on a thread of their
 # own (small records must not wait seconds behind one), and their slow part - storing
 # the raw bytes and parsing the whole MIME tree - runs before the database transaction,
@@ -90,11 +92,14 @@ class Pipeline:
     """``sizes``: which messages this pipeline takes (``"small"``, ``"large"`` or ``"all"``,
     split at :data:`LARGE` bytes); two pipelines of one service split the spool this way."""
 
-    def __init__(self, rt: Runtime, sizes: str = "all") -> None:
+    def __init__(self, rt: Runtime, sizes: str = "all", journal_wait: float = 0.0) -> None:
         if sizes not in ("all", "small", "large"):
             raise ValueError(f"sizes must be all, small or large, not {sizes!r}")
         self.rt = rt
         self.sizes = sizes
+        # Seconds an announced message still in the journal may take to become a file
+        # (made by another process) before this pipeline makes it itself.
+        self.journal_wait = journal_wait
         # Large messages one per transaction: a batch is read into memory whole, and five
         # 25 MB messages (with their parsed documents) at once would need five times the
         # memory of one.
@@ -136,13 +141,28 @@ class Pipeline:
             self._backlog = len(entries) >= limit
         elif self._ids:
             ids = [self._ids.popleft() for _ in range(min(limit, len(self._ids)))]
-            entries = [e for i in ids
-                       if (e := self.rt.spool.entry(i)) is not None and self.takes(e.envelope)]
+            entries = [e for e in self._entries(ids) if self.takes(e.envelope)]
         else:
             return 0
         for i in range(0, len(entries), self.batch):
             self.process_batch(entries[i:i + self.batch])
         return len(entries)
+
+    def _entries(self, ids: list[str]) -> list[SpoolEntry]:
+        """The announced messages. The journal holds only small mail, so the large
+        pipeline passes over what is still there. Where another process turns the
+        journal's records into files (``journal_wait``), the small one waits that long for
+        its files before it makes them itself."""
+        spool = self.rt.spool
+        if self.sizes == "large":
+            return [e for i in ids if (e := spool.entry(i, materialise=False)) is not None]
+        found = {i: spool.entry(i, materialise=False) for i in ids}
+        deadline = time.monotonic() + self.journal_wait
+        while any(e is None for e in found.values()) and time.monotonic() < deadline:
+            time.sleep(JOURNAL_POLL)
+            found.update({i: spool.entry(i, materialise=False)
+                          for i, e in found.items() if e is None})
+        return [e for i in ids if (e := found[i] or spool.entry(i)) is not None]
 
     def takes(self, envelope: Envelope) -> bool:
         """Whether this pipeline takes the message in (see ``sizes``)."""

@@ -702,14 +702,16 @@ class Spool:
         self._entries = listed
         return (out + later)[:limit]
 
-    def entry(self, spool_id: str) -> SpoolEntry | None:
+    def entry(self, spool_id: str, materialise: bool = True) -> SpoolEntry | None:
         """One committed message by id (None if it is gone or incomplete): lets the
-        pipeline follow the intake's notifications without listing the directory."""
+        pipeline follow the intake's notifications without listing the directory.
+        ``materialise``: False to leave a message still in the journal where it is (None)."""
         if not _ID_RE.match(spool_id):
             return None
         path = self._path(spool_id, ".eml")
         header = _read_header(path)
-        if header is None and self.journal_dir.is_dir():  # announced while in the journal
+        if header is None and materialise and self.journal_dir.is_dir():
+            # Announced while in the journal.
             self.materialise()
             header = _read_header(path)
         return SpoolEntry(id=spool_id, envelope=header[0], eml_path=path) if header else None
