@@ -179,38 +179,25 @@ class OutboxSender:
                 )
         return claimed
 
-    def sign(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Outcome]]:
-        """The claimed copies, those queued as composed now carrying their signed bytes
-        (``signed``), and the outcomes of those that could not be signed. No transaction:
-        the signed bytes are kept with the copy's "sent" outcome. Until then nothing of
-        them is stored, and none is needed: the signature's time is the copy's queueing
-        time and the broker's Ed25519 signatures are deterministic, so signing again for
-        a retry (after a refusal, or a crash after the relay took the copy) gives the
-        same bytes."""
-        out: list[Claimed] = []
-        failed: list[Outcome] = []
-        composed = self.rt.content.get_many([c.content_ref for c in claimed if c.sign_on_send])
-        for item in claimed:
-            if not item.sign_on_send:
-                out.append(item)
-                continue
-            data = composed[item.content_ref]
-            if self.signer is None:
-                # The key is gone since this was queued: it goes as composed, like all mail
-                # of a home without a key (broker.crypto.outbound.protect).
-                out.append(dataclasses.replace(item, signed=data))
-                continue
-            try:
-                signed = pgpmime.sign_bytes(data, self.signer, created=item.created_at)
-            except pgpmime.PGPError as exc:
-                # The operator's problem (an expired or damaged key), not the recipient's:
-                # kept queued, never given up for it.
-                log.error("outbox: copy %s could not be signed (%s); it stays queued",
-                          item.id, type(exc).__name__)
-                failed.append(Outcome(item, "temporary", "signing failed", keep=True))
-                continue
-            out.append(dataclasses.replace(item, signed=signed))
-        return out, failed
+    def _signed(self, item: Claimed, composed: bytes) -> Claimed | None:
+        """The copy carrying its signed bytes (``signed``), or None when it cannot be
+        signed. Made just before the copy is sent, so the first copy of a round leaves
+        without waiting for the others' signatures. No transaction: the signed bytes are
+        kept with the copy's "sent" outcome. Until then nothing of them is stored, and none
+        is needed: the signature's time is the copy's queueing time and the broker's
+        Ed25519 signatures are deterministic, so signing again for a retry (after a
+        refusal, or a crash after the relay took the copy) gives the same bytes."""
+        if self.signer is None:
+            # The key is gone since this was queued: it goes as composed, like all mail of
+            # a home without a key (broker.crypto.outbound.protect).
+            return dataclasses.replace(item, signed=composed)
+        try:
+            signed = pgpmime.sign_bytes(composed, self.signer, created=item.created_at)
+        except pgpmime.PGPError as exc:
+            log.error("outbox: copy %s could not be signed (%s); it stays queued",
+                      item.id, type(exc).__name__)
+            return None
+        return dataclasses.replace(item, signed=signed)
 
     def run_once(self) -> int:
         """Sends what is due; returns how many copies were handled."""
@@ -222,11 +209,12 @@ class OutboxSender:
             return 0
         domain = self.rt.settings.domain
         handled = len(claimed)
-        claimed, outcomes = self.sign(claimed)
+        # The copies queued as composed, read in one query; each is signed as its turn comes.
+        composed = self.rt.content.get_many([c.content_ref for c in claimed if c.sign_on_send])
         relay = self.relay
         down: RelayUnavailable | None = None
-        # Recipients whose older copy could not go this round (nor be signed).
-        held = {o.item.recipient for o in outcomes if o.item.kind == "release"}
+        held: set[str] = set()  # recipients whose older copy could not go this round
+        outcomes: list[Outcome] = []
         written = started = time.monotonic()
         # Past half the lease, the rest of the round is handed back untried: a copy
         # still in hand when its lease ends could be claimed by another sender too.
@@ -246,6 +234,17 @@ class OutboxSender:
                 if item.kind == "release" and item.recipient in held:
                     outcomes.append(Outcome(item, "deferred"))
                     continue
+                if item.sign_on_send:
+                    signed = self._signed(item, composed[item.content_ref])
+                    if signed is None:
+                        # The operator's problem (an expired or damaged key), not the
+                        # recipient's: kept queued, never given up for it.
+                        outcomes.append(Outcome(item, "temporary", "signing failed",
+                                                keep=True))
+                        if item.kind == "release":
+                            held.add(item.recipient)
+                        continue
+                    item = signed
                 try:
                     data = (item.signed if item.signed is not None
                             else self.rt.content.get(item.content_ref))
