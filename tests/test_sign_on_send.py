@@ -33,6 +33,7 @@ from sqlalchemy import select
 
 from broker import config
 from broker.cli import serve as serve_cli
+from broker.content.store import ContentMissing
 from broker.crypto import pgp, pgpmime
 from broker.crypto import vault as vaults
 from broker.crypto.keys import broker_public_key, create_broker_key
@@ -430,3 +431,18 @@ def test_the_pipelines_leave_journal_records_to_the_materialiser_for_a_moment(
         assert _files(spool) > before
     finally:
         intake.stop()
+
+
+def test_the_round_reads_its_copies_at_once_and_a_missing_one_alone_fails(
+    rt: tuple[Runtime, int],
+) -> None:
+    runtime, _ = rt
+    content = runtime.content
+    with runtime.db.session() as s:
+        small = content.put(b"a composed copy", s)  # in the database
+    large = content.put(b"x" * (content.inline_limit + 1))  # a file
+    missing = "0" * len(small)
+    got = content.get_many([small, large, missing])
+    assert got == {small: b"a composed copy", large: b"x" * (content.inline_limit + 1)}
+    with pytest.raises(ContentMissing):
+        content.get(missing)  # what the outbox then meets for that copy alone

@@ -208,7 +208,6 @@ class OutboxSender:
                 self.close()
             return 0
         domain = self.rt.settings.domain
-        handled = len(claimed)
         # The copies queued as composed, read in one query; each is signed as its turn comes.
         composed = self.rt.content.get_many([c.content_ref for c in claimed if c.sign_on_send])
         relay = self.relay
@@ -235,7 +234,8 @@ class OutboxSender:
                     outcomes.append(Outcome(item, "deferred"))
                     continue
                 if item.sign_on_send:
-                    signed = self._signed(item, composed[item.content_ref])
+                    signed = self._signed(item, composed.get(item.content_ref)
+                                          or self.rt.content.get(item.content_ref))
                     if signed is None:
                         # The operator's problem (an expired or damaged key), not the
                         # recipient's: kept queued, never given up for it.
@@ -275,7 +275,7 @@ class OutboxSender:
             self._last_round = time.monotonic()
             # What did happen is written even when the round broke off.
             self._record(outcomes)
-        return handled
+        return len(claimed)
 
     def _record(self, outcomes: list[Outcome]) -> None:
         """Writes a round's outcomes in one transaction, records in id order (so two
