@@ -228,19 +228,19 @@ class Service:
         # files, on a thread of its own, woken by `stored_elsewhere` (broker serve's
         # outbox process: the intake's process must keep its interpreter for the SMTP
         # sessions, and writing and flushing the files took a quarter of the pipeline
-        # process's time). Never during an intake burst. The pipeline still does it for
-        # whatever it finds not done yet.
+        # process's time). It waits out an intake burst as the pipeline does (self.burst).
+        # The pipeline still does it for whatever it finds not done yet.
         self.materialise_wake = threading.Event()
         self.materialise_stop = threading.Event()
         self._materialising = materialise
-        self.intake_burst = (BurstDeferral(settings.burst_rate, settings.burst_wait)
-                             if materialise and settings.burst_rate > 0 else None)
 
         def stored(spool_id: str) -> None:
             if local_pipeline:
                 self.notify(spool_id)
             if self._materialising:
-                self.stored_elsewhere()
+                if not local_pipeline:  # (notify counted it for the burst already)
+                    self.stored_elsewhere()
+                self.materialise_wake.set()
             if on_stored is not None:
                 on_stored(spool_id)
 
@@ -324,16 +324,17 @@ class Service:
         return did
 
     def stored_elsewhere(self) -> None:
-        """The intake stored a message (thread-safe): the materialiser looks soon."""
-        if self.intake_burst is not None:
-            self.intake_burst.arrived()
+        """The intake (another process) stored a message (thread-safe): it counts for the
+        burst, and the materialiser looks soon."""
+        if self.burst is not None:
+            self.burst.arrived()
         self.materialise_wake.set()
 
     def _materialise_step(self) -> int:
         """The journal's records as spool files (broker.intake.spool.Spool.materialise),
         shortly after they were stored: a few milliseconds' wait gathers the records of
-        several sessions into one flush. None during an intake burst."""
-        if self.intake_burst is not None and self.intake_burst.in_burst():
+        several sessions into one flush. None while an intake burst defers the workers."""
+        if self.burst is not None and self.burst.defer():
             self.materialise_stop.wait(BURST_TICK)
             self.materialise_wake.set()  # look again when the burst may be over
             return 0

@@ -386,7 +386,7 @@ def test_the_outbox_process_turns_journal_records_into_spool_files(
 
         # In a burst the thread leaves the journal alone (the intake has the machine).
         time.sleep(0.2)  # its round after the last one is over
-        service.intake_burst = burst = BurstDeferral(rate=10, longest=30, window=1.0)
+        service.burst = burst = BurstDeferral(rate=10, longest=30, window=1.0)
         for _ in range(burst.count):
             burst.arrived()
         send("In the burst")

@@ -42,12 +42,11 @@ def withheld(person: Person | None) -> str | None:
     return None if state.usable else f"requires encryption and {state.problem}"
 
 
-def protect(data: bytes, person: Person | None, signer: str | None, *,
-            sign_on_send: bool = False) -> Protected:
+def protect(data: bytes, person: Person | None, signer: str | None) -> Protected:
     """The bytes to queue for ``person`` (None: an address that is not on a team).
 
-    ``sign_on_send``: a copy that is only to be signed (no usable key to encrypt to) is
-    queued as composed and marked, and the outbox signs it (broker.release.sender): the
+    A copy that is only to be signed (no usable key to encrypt to) is queued as composed,
+    marked ``sign_on_send``, and the outbox signs it (broker.release.sender): the
     signature is the largest part of queueing a message that needs no database, and the
     outbox runs in a process of its own. Encryption stays here, in the transaction: it is
     what decides whether plaintext may be queued at all."""
@@ -57,9 +56,7 @@ def protect(data: bytes, person: Person | None, signer: str | None, *,
             raise EncryptionRequired(f"{person.email} {withheld(person)}")
         if signer is None:
             return Protected(data, False, False)
-        if sign_on_send:
-            return Protected(data, False, True, sign_on_send=True)
-        return Protected(pgpmime.sign_bytes(data, signer), False, True)
+        return Protected(data, False, True, sign_on_send=True)
     assert state.key is not None
     out = pgpmime.encrypt_bytes(data, signer, [state.key], protect_subject=True)
     return Protected(out, True, signer is not None, state.key.fingerprint)

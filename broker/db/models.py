@@ -234,8 +234,8 @@ class Delivery(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Migration 0010. True: the content is the copy as composed, and the outbox signs it
-    # with the broker's key before it first sends it; the signed bytes then replace the
-    # content (and sha256) before they leave, so a retry sends those same bytes.
+    # with the broker's key as it sends it (the same bytes on every try); the signed bytes
+    # replace the content and sha256 with its "sent" outcome (broker.release.sender).
     sign_on_send: Mapped[bool] = mapped_column(Boolean, default=False,
                                                server_default=false())
 

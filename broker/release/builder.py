@@ -92,7 +92,7 @@ def queue_release(
             to=person.email, to_name=person.name, subject=content.subject or "(no subject)",
             text=text_for(label), attachments=content.attachments, date=released_at,
         )
-        sealed = protect(data, person, signer, sign_on_send=True)
+        sealed = protect(data, person, signer)
         openpgp = ("encrypted to " + (sealed.fingerprint or "") if sealed.encrypted
                    else "signed" if sealed.signed else "none")
         delivery = enqueue(

@@ -285,7 +285,7 @@ class Notifier:
                          record_id=record.id if record else None, recipients=[person.email],
                          description={"kind": kind, "reason": reason})
             return
-        sealed = protect(data, person, self.signer, sign_on_send=True)
+        sealed = protect(data, person, self.signer)
         enqueue(
             s, self.content, kind=kind, recipient=person.email if person else str(to),
             data=sealed.data, sign_on_send=sealed.sign_on_send, message_id=message_id,
