@@ -176,6 +176,31 @@ def test_detached_and_inline_signatures() -> None:
     assert pgp.verify_inline(inline, b_pub).signature.status == "unknown_key"
 
 
+def test_signature_with_the_cached_key_is_pgpys_own() -> None:
+    """The cached private key carries its fingerprint computed once (pgpy would hash the
+    key again six times per signature): the signature is byte for byte the one pgpy makes
+    with a freshly read key, and names the key's true fingerprint."""
+    import datetime as dt
+    import warnings
+
+    import pgpy
+
+    priv, pub = pgp.generate_keypair("A", "a@example.org")
+    when = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
+    cached = pgp.sign_detached(b"release body\r\n", priv, created=when)
+    key, _ = pgp._private_key(priv)
+    assert type(key._key).__name__.startswith("Pinned")
+    assert pgp._fpr(key.fingerprint) == pgp.fingerprint(pub)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh, _ = pgpy.PGPKey.from_blob(priv)
+        assert not type(fresh._key).__name__.startswith("Pinned")
+        own = pgp.armor(bytes(fresh.sign(b"release body\r\n", hash=pgp.HASH,
+                                         created=max(when, fresh.created))), "SIGNATURE")
+    assert cached == own
+    assert pgp.verify_detached(b"release body\r\n", cached, pub)
+
+
 def _message() -> EmailMessage:
     msg = EmailMessage(policy=policy.SMTP)
     msg["From"] = "Broker <broker@records.example>"

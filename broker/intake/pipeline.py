@@ -547,7 +547,7 @@ class Pipeline:
                 record.hold_reasons = json.dumps(json.loads(record.hold_reasons) + blocked)
             by_id = {p.id: p for p in people}
             deciders = [by_id[d.person_id] for d in authority.deciders if d.person_id in by_id]
-            token = tokens.issue(s, record, record.expires_at)
+            token = tokens.issue(s, record, record.expires_at, first=True)
             sent_to = self.notifier.review_request(
                 s, record, doc, token, recipients, sender, deciders=deciders,
                 coverage=[f"{by_email[c.email].name or c.email}: {c.label}"
@@ -582,7 +582,8 @@ class Pipeline:
         content = apply_draft(doc, draft)
         release(s, self.rt, self.notifier, record, doc, draft, recipients, approvers=[],
                 actor="broker", actor_role="broker", auth="consent", automatic=consent_id)
-        token = tokens.issue(s, record, utcnow() + FYI_TOKEN_LIFETIME, purpose="fyi")
+        token = tokens.issue(s, record, utcnow() + FYI_TOKEN_LIFETIME, purpose="fyi",
+                             first=True)
         consent = s.get(Consent, consent_id)
         for g in guardians(s, record.child):
             self.notifier.fyi(s, record, content, token, recipients, g,

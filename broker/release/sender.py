@@ -310,19 +310,28 @@ class OutboxSender:
             if records:
                 s.scalars(select(Record).where(Record.id.in_(records))
                           .options(selectinload(Record.child))).all()
+            ended: dict[int, Record] = {}  # records with a release copy sent or failed
             for o in outcomes:
+                record: Record | None = None
                 if o.kind == "sent":
-                    self._mark_sent(s, o.item, locked[o.item.id])
+                    record = self._mark_sent(s, o.item, locked[o.item.id])
                 elif o.kind == "temporary":
-                    self._mark_temporary(s, o.item, o.error, o.keep)
+                    record = self._mark_temporary(s, o.item, o.error, o.keep)
                 elif o.kind == "permanent":
-                    self._mark_permanent(s, o.item, o.error)
+                    record = self._mark_permanent(s, o.item, o.error)
                 else:
                     self._mark_deferred(s, o.item)
+                if record is not None:
+                    ended[record.id] = record
+            # Each record settled once, after all its copies of this round (in id order,
+            # as the outcomes were written): not once per copy, each a locked read.
+            for record_id in sorted(ended):
+                settle(s, self.rt, self.notifier, ended[record_id])
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def _mark_sent(self, s: Session, item: Claimed, row: Delivery) -> None:
+    def _mark_sent(self, s: Session, item: Claimed, row: Delivery) -> Record | None:
+        """Returns the record to settle, if this was one of its release copies."""
         # ``row`` is locked: a revocation cancelling this copy right now is either seen
         # here (the copy left anyway) or sees it sent.
         if item.signed is not None and row.sign_on_send:
@@ -331,7 +340,7 @@ class OutboxSender:
             row.sha256 = hashlib.sha256(item.signed).hexdigest()
             row.sign_on_send = False
         if row.state == "sent":
-            return
+            return None
         # Cancelled (its consent revoked) while it was already with the relay: it went
         # out all the same, so the record says so.
         after_revocation = row.state == "cancelled"
@@ -353,7 +362,8 @@ class OutboxSender:
                                 if k not in SEALED_ONLY},
                              **({"after_revocation": True} if after_revocation else {})},
             )
-            settle(s, self.rt, self.notifier, record)
+            return record
+        return None
 
     def _mark_deferred(self, s: Session, item: Claimed) -> None:
         """Not tried (an older copy to the same recipient failed this round, or the round
@@ -366,29 +376,32 @@ class OutboxSender:
             row.attempts = max(0, row.attempts - 1)
 
     def _mark_temporary(self, s: Session, item: Claimed, error: str,
-                        keep: bool = False) -> None:
+                        keep: bool = False) -> Record | None:
         """Retry later. `keep`: the relay is misconfigured (the operator's problem, not
-        the recipient's), so the copy is never given up for it."""
+        the recipient's), so the copy is never given up for it. Returns the record to
+        settle when the copy is given up instead."""
         schedule = self.rt.settings.retry_schedule
         delay = schedule[min(item.attempts - 1, len(schedule) - 1)]
         now = utcnow()
         give_up = not keep and (
             (now - item.created_at).total_seconds() >= self.rt.settings.give_up_after)
         if give_up:
-            self._mark_permanent(s, item, f"gave up after {item.attempts} attempts: {error}")
-            return
+            return self._mark_permanent(s, item,
+                                        f"gave up after {item.attempts} attempts: {error}")
         row = s.get(Delivery, item.id)
         assert row is not None
         row.next_attempt_at = now + dt.timedelta(seconds=delay)
         row.last_error = error[:500]
         log.warning("delivery %s: temporary failure, retry in %ss", item.id, int(delay))
+        return None
 
-    def _mark_permanent(self, s: Session, item: Claimed, error: str) -> None:
+    def _mark_permanent(self, s: Session, item: Claimed, error: str) -> Record | None:
+        """Returns the record to settle, if this was one of its release copies."""
         row = s.get(Delivery, item.id, with_for_update=True)
         assert row is not None
         if row.state == "cancelled":  # revoked meanwhile: nothing left, nothing to redo
             row.last_error = error[:500]
-            return
+            return None
         row.state = "failed"
         row.last_error = error[:500]
         if row.kind == "release" and row.record_id is not None:
@@ -412,5 +425,7 @@ class OutboxSender:
                     ),
                     subject=record.subject, record=record,
                 )
-            settle(s, self.rt, self.notifier, record)
+            log.warning("delivery %s failed permanently", item.id)
+            return record
         log.warning("delivery %s failed permanently", item.id)
+        return None

@@ -42,8 +42,10 @@ def settle(s: Session, rt: Runtime, notifier: Notifier, record: Record) -> None:
     # Lock the record (PostgreSQL) before counting its copies: two senders finishing the
     # last two copies at once then settle one after the other, and the second one sees
     # the first one's copy as sent instead of both seeing the other's as queued.
+    # Only the state is read again: refreshing the whole record would also drop its
+    # loaded child, read again at the next use.
     s.flush()
-    s.refresh(record, with_for_update=True)
+    s.refresh(record, ["state"], with_for_update=True)
     if record.state != states.RELEASING:
         return
     copies = s.scalars(

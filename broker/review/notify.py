@@ -242,12 +242,21 @@ class Notifier:
         now = utcnow()
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         address = address.lower()
-        # Counted no further than the cap: whether it is reached is all that matters.
-        todays = (select(Delivery.id).where(
-            Delivery.recipient == address, Delivery.kind.in_(("notice", "receipt")),
-            Delivery.created_at >= day).limit(self.per_day).subquery())
-        sent = s.scalar(select(func.count()).select_from(todays))
-        if (sent or 0) < self.per_day:
+        # This transaction's copies not yet flushed are counted here, and the table holds
+        # the rest: no flush of everything pending just for this count (one per notice).
+        pending = sum(1 for o in s.new if isinstance(o, Delivery) and o.recipient == address
+                      and o.kind in ("notice", "receipt")
+                      and (o.created_at is None or o.created_at >= day))
+        if pending >= self.per_day:
+            sent = pending
+        else:
+            # Counted no further than the cap: whether it is reached is all that matters.
+            todays = (select(Delivery.id).where(
+                Delivery.recipient == address, Delivery.kind.in_(("notice", "receipt")),
+                Delivery.created_at >= day).limit(self.per_day - pending).subquery())
+            with s.no_autoflush:
+                sent = pending + (s.scalar(select(func.count()).select_from(todays)) or 0)
+        if sent < self.per_day:
             return False
         capped = [address in json.loads(r or "[]") for r in s.scalars(
             select(AuditEvent.recipients).where(

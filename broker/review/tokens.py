@@ -29,14 +29,18 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.strip().lower().encode("ascii", "replace")).hexdigest()
 
 
-def issue(s: Session, record: Record, expires_at: dt.datetime, purpose: str = "review") -> str:
+def issue(s: Session, record: Record, expires_at: dt.datetime, purpose: str = "review",
+          *, first: bool = False) -> str:
     """A new live token for ``record``; any other live one is superseded. ``purpose``
-    "fyi": the token of an automatic release's FYI copy (its only use is REVOKE)."""
-    close_all(s, record, "superseded")
+    "fyi": the token of an automatic release's FYI copy (its only use is REVOKE).
+    ``first``: the record was made in this transaction, so it has no token to supersede
+    (the intake then spares the UPDATE, and the flush of everything pending it needs)."""
+    if not first:
+        close_all(s, record, "superseded")
     token = new_token()
+    # Written with the transaction's next flush, like the record's other new rows.
     s.add(Token(record_id=record.id, token_hash=token_hash(token), version=record.version,
                 status="live", expires_at=expires_at, purpose=purpose))
-    s.flush()
     return token
 
 
