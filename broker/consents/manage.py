@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from broker.audit.log import record_event
 from broker.db.models import Child, Consent, Delivery, Person, Record, utcnow
+from broker.db.reads import reading
 from broker.policy import consent as policy
 from broker.policy.authority import age_on
 from broker.policy.consent import ConsentTerms
@@ -99,12 +100,13 @@ def terms_of(row: Consent) -> ConsentTerms:
 
 def active_for_child(s: Session, child_id: int, day: dt.date) -> list[ConsentTerms]:
     """The consents of this child in force on `day` (not revoked, inside their dates)."""
-    rows = s.scalars(
-        select(Consent)
-        .where(Consent.child_id == child_id, Consent.status == "active",
-               Consent.valid_from <= day, Consent.valid_until >= day)
-        .order_by(Consent.id)
-    ).all()
+    with reading(s, Consent, Child):
+        rows = s.scalars(
+            select(Consent)
+            .where(Consent.child_id == child_id, Consent.status == "active",
+                   Consent.valid_from <= day, Consent.valid_until >= day)
+            .order_by(Consent.id)
+        ).all()
     return [terms_of(r) for r in rows]
 
 

@@ -301,7 +301,10 @@ class Pipeline:
                      description={"inbound": inbound.id, "error": type(exc).__name__,
                                   "sha256": inbound.sha256})
 
-    def _inbound(self, s: Session, entry: SpoolEntry, raw: bytes, kind: str) -> Inbound:
+    def _inbound(self, s: Session, entry: SpoolEntry, raw: bytes, kind: str, *,
+                 flush: bool = True) -> Inbound:
+        """The message's inbound row, flushed (its id named in the audit) unless ``flush``
+        is false: a record's row goes with the record's own flush."""
         env = entry.envelope
         inbound = Inbound(
             spool_id=entry.id,
@@ -316,7 +319,8 @@ class Pipeline:
             kind=kind,
         )
         s.add(inbound)
-        s.flush()
+        if flush:
+            s.flush()
         return inbound
 
     # -- routing ------------------------------------------------------------------------
@@ -399,7 +403,7 @@ class Pipeline:
                          description={"inbound": inbound.id, "same_as": first,
                                       "sha256": env.sha256})
             return
-        inbound = self._inbound(s, entry, raw, kind="record")
+        inbound = self._inbound(s, entry, raw, kind="record", flush=False)
         for child in children:
             self._new_record(s, entry, inbound, child, headers, from_addr, raw=raw)
 

@@ -11,6 +11,7 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session, SessionTransaction
 
 from broker.db.models import Child, Person, Record
+from broker.db.reads import reading
 from broker.policy.authority import Authority, Decider, authority
 from broker.policy.evaluate import Evaluation, Member, jurisdiction_of
 from broker.policy.rules import Jurisdiction, Rules
@@ -39,9 +40,10 @@ def active_people(s: Session, child: Child) -> list[Person]:
     cache: dict[int, list[Person]] = s.info.setdefault(_PEOPLE, {})
     people = cache.get(child.id)
     if people is None:
-        people = cache[child.id] = list(s.scalars(
-            select(Person).where(Person.child_id == child.id, Person.active.is_(True))
-            .order_by(Person.id)))
+        with reading(s, Person, Child):
+            people = cache[child.id] = list(s.scalars(
+                select(Person).where(Person.child_id == child.id, Person.active.is_(True))
+                .order_by(Person.id)))
     return list(people)
 
 
