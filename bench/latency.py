@@ -185,6 +185,16 @@ def print_round(r: Round, label: str) -> None:
     print(f"     APPROVE -> queued         {r.approve_queued.row()}")
     print(f"     queued -> sent (outbox)   {r.approve_outbox.row()}")
     print(f"  review requests at the relay per 5 s from the first send: {r.timeline}")
+    broker_cpu = sum(v for k, v in r.cpu.items() if not k.startswith("bench"))
+    if r.sent:
+        # What one record and its approval cost the broker, whatever the load, and so the
+        # most this machine's CPUs could carry: records at R, then approvals at R (this
+        # bench's two phases), each about half the cost, with nothing else running.
+        per = broker_cpu / r.sent
+        cpus = os.cpu_count() or 1
+        print(f"  broker CPU per record and its approval: {per * 1000:.1f} ms (all its "
+              f"processes); ceiling on {cpus} CPUs, load generator and relay not counted: "
+              f"{2 * cpus / per:.0f}/s")
 
 
 def main_rounds(args: argparse.Namespace) -> int:

@@ -124,3 +124,33 @@ def test_identical_bytes_claimed_by_another_pipeline_wait_and_become_a_duplicate
     rt.spool.close()
     rt.close()
 
+
+
+def test_a_message_announced_twice_and_one_already_taken_in_each_become_one_row(
+        tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch looks once for messages already taken in (a crash between the commit and
+    the spool file's removal): such a message is skipped, and one that is twice in the
+    same batch (announced twice) is taken in once."""
+    rt = team_runtime(tmp_path / "home", db_url)
+    entries = []
+    for subject in ("taken in before the crash", "announced twice"):
+        data = report(subject=subject).as_bytes(policy=policy.SMTP)
+        entry = rt.spool.entry(rt.spool.store(data, Envelope.for_message(
+            data, mail_from="lee@clinic.example", rcpt_tos=(f"sam@{DOMAIN}",), peer="x",
+            helo="x")))
+        assert entry is not None
+        entries.append(entry)
+    pipeline = Pipeline(rt)
+    # The crash: the first message's row commits, its spool file stays.
+    with monkeypatch.context() as m:
+        m.setattr(rt.spool, "remove", lambda spool_id: None)
+        pipeline.process_batch([entries[0]])
+    pipeline.process_batch([entries[0], entries[1], entries[1]])
+    with rt.db.session() as s:
+        kinds = [r.kind for r in s.scalars(select(Inbound).order_by(Inbound.id))]
+        subjects = sorted(r.subject for r in s.scalars(select(Record)))
+    assert kinds == ["record", "record"]
+    assert subjects == ["announced twice", "taken in before the crash"]
+    assert rt.spool.pending() == []
+    rt.spool.close()
+    rt.close()

@@ -255,12 +255,20 @@ class Pipeline:
         others: set[str] = set()
         try:
             with self.rt.db.session() as s:
+                mine: list[tuple[SpoolEntry, bytes]] = []
                 for entry, raw in readable:
-                    if not _claim(s, entry.id, entry.envelope.sha256):
+                    if _claim(s, entry.id, entry.envelope.sha256):
+                        mine.append((entry, raw))
+                    else:
                         others.add(entry.id)
+                # Taken in already (a crash after the commit, before the spool file went):
+                # one look for the whole batch, after the claims (see _claim).
+                done = set(s.scalars(select(Inbound.spool_id).where(
+                    Inbound.spool_id.in_([entry.id for entry, _ in mine])))) if mine else set()
+                for entry, raw in mine:
+                    if entry.id in done:
                         continue
-                    if s.scalar(select(Inbound.id).where(Inbound.spool_id == entry.id)):
-                        continue
+                    done.add(entry.id)  # (announced twice, it is in the batch twice)
                     try:
                         with s.begin_nested():
                             self._take_in(s, entry, raw)
