@@ -254,34 +254,17 @@ class Pipeline:
         # Another pipeline's message stays in the spool: its transaction may yet roll back.
         others: set[str] = set()
         try:
-            with self.rt.db.session() as s:
-                mine: list[tuple[SpoolEntry, bytes]] = []
-                for entry, raw in readable:
-                    if _claim(s, entry.id, entry.envelope.sha256):
-                        mine.append((entry, raw))
-                    else:
-                        others.add(entry.id)
-                # Taken in already (a crash after the commit, before the spool file went):
-                # one look for the whole batch, after the claims (see _claim).
-                done = set(s.scalars(select(Inbound.spool_id).where(
-                    Inbound.spool_id.in_([entry.id for entry, _ in mine])))) if mine else set()
-                for entry, raw in mine:
-                    if entry.id in done:
-                        continue
-                    done.add(entry.id)  # (announced twice, it is in the batch twice)
-                    try:
-                        with s.begin_nested():
-                            self._take_in(s, entry, raw)
-                    except OperationalError:
-                        raise
-                    except Exception as exc:
-                        # A bug must neither lose the message nor spin on it: keep it,
-                        # with its bytes, as a failed inbound row for the operator. The
-                        # type only in the log: an exception's text may quote the mail.
-                        log.error("message %s could not be processed: %s", entry.id,
-                                  type(exc).__name__)
-                        with s.begin_nested():
-                            self._keep_failed(s, entry, raw, exc)
+            try:
+                self._take_in_transaction(readable, others, isolate=False)
+            except OperationalError:
+                raise
+            except Exception:
+                # A message tripped over a bug, and the whole transaction went back. Again,
+                # each message in a savepoint of its own: that one is kept as a failed
+                # inbound row without undoing the others. (Savepoints for every batch cost
+                # two statements and a flush per message, for what almost never happens.)
+                others.clear()
+                self._take_in_transaction(readable, others, isolate=True)
         except OperationalError:
             # The database is away: everything stays spooled for the next round.
             log.warning("database unavailable; %d message(s) stay spooled", len(readable))
@@ -291,6 +274,42 @@ class Pipeline:
                 self.rt.spool.remove(entry.id)
         if self.on_commit is not None:
             self.on_commit()  # review requests are queued: the outbox need not wait
+
+    def _take_in_transaction(self, readable: list[tuple[SpoolEntry, bytes]],
+                             others: set[str], *, isolate: bool) -> None:
+        """One transaction for the batch; ``isolate``: each message in its own savepoint,
+        one that fails kept as a failed inbound row (its exception otherwise escapes)."""
+        with self.rt.db.session() as s:
+            mine: list[tuple[SpoolEntry, bytes]] = []
+            for entry, raw in readable:
+                if _claim(s, entry.id, entry.envelope.sha256):
+                    mine.append((entry, raw))
+                else:
+                    others.add(entry.id)
+            # Taken in already (a crash after the commit, before the spool file went):
+            # one look for the whole batch, after the claims (see _claim).
+            done = set(s.scalars(select(Inbound.spool_id).where(
+                Inbound.spool_id.in_([entry.id for entry, _ in mine])))) if mine else set()
+            for entry, raw in mine:
+                if entry.id in done:
+                    continue
+                done.add(entry.id)  # (announced twice, it is in the batch twice)
+                if not isolate:
+                    self._take_in(s, entry, raw)
+                    continue
+                try:
+                    with s.begin_nested():
+                        self._take_in(s, entry, raw)
+                except OperationalError:
+                    raise
+                except Exception as exc:
+                    # A bug must neither lose the message nor spin on it: keep it, with
+                    # its bytes, as a failed inbound row for the operator. The type only
+                    # in the log: an exception's text may quote the mail.
+                    log.error("message %s could not be processed: %s", entry.id,
+                              type(exc).__name__)
+                    with s.begin_nested():
+                        self._keep_failed(s, entry, raw, exc)
 
     def _set_aside(self, entry: SpoolEntry) -> None:
         """The bytes on disk no longer match what was acknowledged: keep them aside for
