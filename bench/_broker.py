@@ -42,6 +42,10 @@ from broker.crypto import vault as vaults  # noqa: E402
 from broker.crypto.keys import create_broker_key  # noqa: E402
 from broker.db.engine import Database  # noqa: E402
 from broker.db.migrate import upgrade  # noqa: E402
+from broker.intake.pipeline import Pipeline  # noqa: E402
+from broker.intake.spool import Envelope as SpoolEnvelope  # noqa: E402
+from broker.release.sender import OutboxSender  # noqa: E402
+from broker.runtime import Runtime  # noqa: E402
 from broker.team.apply import apply_team  # noqa: E402
 from broker.team.spec import parse_team  # noqa: E402
 from tests.harness import DOMAIN, GUARDIAN, SCHOOL, TEAM, free_port  # noqa: E402
@@ -281,6 +285,32 @@ def make_home(home: Path, url: str, relay_port: int, *, pgp_key: bool = True,
         apply_team(s, parse_team(TEAM))
     db.dispose()
     return port
+
+
+@dataclass
+class InProcess:
+    """The pipeline and the outbox of a home, run in this process (profiles and counts)."""
+
+    rt: Runtime
+    pipeline: Pipeline
+    sender: OutboxSender
+
+    @classmethod
+    def open(cls, home: Path, url: str) -> InProcess:
+        settings = config.Settings(**{**config.load(home).__dict__, "database_url": url})
+        rt = Runtime.open(settings)
+        return cls(rt, Pipeline(rt), OutboxSender(rt))
+
+    def spool(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        """(envelope sender, recipient, bytes) stored as the intake would, announced."""
+        for mail_from, rcpt, data in items:
+            self.pipeline.notify(self.rt.spool.store(data, SpoolEnvelope.for_message(
+                data, mail_from=mail_from, rcpt_tos=(rcpt,), peer="127.0.0.1",
+                helo="bench.example")))
+
+    def close(self) -> None:
+        self.sender.close()
+        self.rt.close()
 
 
 class Broker:

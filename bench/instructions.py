@@ -31,25 +31,12 @@ WARM = 5
 
 def workload(n: int, approvals: bool) -> None:
     """WARM records and approvals, then ``n`` records and (``approvals``) theirs."""
-    from broker import config
-    from broker.intake.pipeline import Pipeline
-    from broker.intake.spool import Envelope
-    from broker.release.sender import OutboxSender
-    from broker.runtime import Runtime
-
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp, \
             B.database(None, Path(tmp)) as url, B.Relay() as relay:
         home = Path(tmp) / "home"
         B.make_home(home, url, relay.port)
-        settings = config.Settings(**{**config.load(home).__dict__, "database_url": url})
-        rt = Runtime.open(settings)
-        pipeline, sender = Pipeline(rt), OutboxSender(rt)
-
-        def spool(items: list[tuple[str, str, bytes]]) -> None:
-            for mail_from, rcpt, data in items:
-                pipeline.notify(rt.spool.store(data, Envelope.for_message(
-                    data, mail_from=mail_from, rcpt_tos=(rcpt,), peer="127.0.0.1",
-                    helo="bench.example")))
+        run = B.InProcess.open(home, url)
+        pipeline, sender, spool = run.pipeline, run.sender, run.spool
 
         def drain() -> None:
             while pipeline.run_once():
@@ -72,8 +59,7 @@ def workload(n: int, approvals: bool) -> None:
         reviews = len(B.reviews(relay.recorder.snapshot()))
         released = sum(len(v) for v in B.releases(relay.recorder.snapshot()).values())
         print(f"reviews {reviews} released {released}", file=sys.stderr)
-        sender.close()
-        rt.close()
+        run.close()
 
 
 def counted(n: int, approvals: bool) -> tuple[int, str]:

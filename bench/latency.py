@@ -357,12 +357,6 @@ class Timers:
 def main_profile(args: argparse.Namespace) -> int:
     """Pipeline and outbox in this process on a pre-filled spool: unprofiled wall time per
     record first (half the records), then cProfile over the other half."""
-    from broker import config
-    from broker.intake.pipeline import Pipeline
-    from broker.intake.spool import Envelope
-    from broker.release.sender import OutboxSender
-    from broker.runtime import Runtime
-
     n = args.profile
     with tempfile.TemporaryDirectory(prefix="bench-profile-", dir=args.tmpdir) as tmp, \
             B.database(args.pg, Path(tmp)) as url, B.Relay() as relay:
@@ -373,15 +367,8 @@ def main_profile(args: argparse.Namespace) -> int:
             B.fill_history(url, args.history)
             print(f"history: {args.history:,} copies sent before today "
                   f"(filled in {time.perf_counter() - t0:.1f} s)")
-        settings = config.Settings(**{**config.load(home).__dict__, "database_url": url})
-        rt = Runtime.open(settings)
-        pipeline, sender = Pipeline(rt), OutboxSender(rt)
-
-        def spool(items: list[tuple[str, str, bytes]]) -> None:
-            for mail_from, rcpt, data in items:
-                pipeline.notify(rt.spool.store(data, Envelope.for_message(
-                    data, mail_from=mail_from, rcpt_tos=(rcpt,), peer="127.0.0.1",
-                    helo="bench.example")))
+        run = B.InProcess.open(home, url)
+        pipeline, sender, spool = run.pipeline, run.sender, run.spool
 
         def drain(prof: cProfile.Profile | None) -> tuple[float, float]:
             """Run the pipeline, then the outbox, until idle: (pipeline s, outbox s)."""
@@ -453,8 +440,7 @@ def main_profile(args: argparse.Namespace) -> int:
               f"{sum(len(v) for v in rel.values())} copies released")
         print_profile(prof_p, max(1, len(hi)), args.top, "pipeline, approvals")
         print_profile(prof_o, max(1, len(hi)), args.top // 2, "outbox, approvals")
-        sender.close()
-        rt.close()
+        run.close()
     return 0
 
 
