@@ -159,20 +159,22 @@ def sign_bytes(data: bytes, signer_private: str | bytes, *,
 
     content_type = (f'multipart/signed; micalg="{pgp.MICALG}"; '
                     'protocol="application/pgp-signature"')
+    boundary: str | None = None  # without ``created``: the generator picks a random one
     if created is not None:
         # "=_" appears in neither quoted-printable nor base64 text, and the digest of the
         # two parts cannot stand inside them: the builder's check below would say so.
         # Written into the header at once (set_boundary would parse it again: an eighth
         # of the cost of signing a copy).
         digest = hashlib.sha256(signed + signature.encode("ascii")).hexdigest()
-        content_type += f'; boundary="=_signed_{digest[:40]}"'
+        boundary = f"=_signed_{digest[:40]}"
+        content_type += f'; boundary="{boundary}"'
     outer = _outer(routing, content_type)
     sig = _application(signature, "pgp-signature", filename="signature.asc")
     sig.replace_header("Content-Type", 'application/pgp-signature; name="signature.asc"')
     sig["Content-Description"] = "OpenPGP digital signature"
     outer.set_payload([inner, sig])
     raw = outer.as_bytes(policy=_POLICY)
-    if _signed_part_bytes(raw, outer.get_boundary()) != signed:
+    if _signed_part_bytes(raw, boundary or outer.get_boundary()) != signed:
         raise PGPError("multipart/signed serialization changed the signed bytes")
     return raw
 

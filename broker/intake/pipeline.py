@@ -258,11 +258,13 @@ class Pipeline:
                 self._take_in_transaction(readable, others, isolate=False)
             except OperationalError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # A message tripped over a bug, and the whole transaction went back. Again,
                 # each message in a savepoint of its own: that one is kept as a failed
                 # inbound row without undoing the others. (Savepoints for every batch cost
                 # two statements and a flush per message, for what almost never happens.)
+                log.warning("a batch of %d failed (%s); taking it in message by message",
+                            len(readable), type(exc).__name__)
                 others.clear()
                 self._take_in_transaction(readable, others, isolate=True)
         except OperationalError:
