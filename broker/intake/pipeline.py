@@ -17,7 +17,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import parseaddr
@@ -38,6 +37,7 @@ from broker.intake.spool import Envelope, SpoolCorrupt, SpoolEntry
 from broker.mail import compose as mc
 from broker.mail.autoreply import classify_automatic
 from broker.mail.document import Document, Draft
+from broker.mail.headers import INBOUND
 from broker.mail.parse import LimitExceeded, MimeLimits, ParseFailed, parse_message
 from broker.policy.authority import Authority
 from broker.policy.context import (
@@ -359,7 +359,7 @@ class Pipeline:
         env = entry.envelope
         # The header block only: the parser would otherwise hold the whole message as a
         # str and a list of lines (some 7x a 25 MB record) just to skip the body.
-        headers = BytesHeaderParser(policy=policy.default).parsebytes(header_block(raw))
+        headers = BytesHeaderParser(policy=INBOUND).parsebytes(header_block(raw))
         assert isinstance(headers, EmailMessage)
         rcpts = [r.lower() for r in env.rcpt_tos]
 
@@ -371,7 +371,7 @@ class Pipeline:
                          actor_role="outside",
                          description={"inbound": inbound.id, "deliveries": bounce_ids})
             try:
-                bounce_msg = email.message_from_bytes(raw, policy=policy.default)
+                bounce_msg = email.message_from_bytes(raw, policy=INBOUND)
             except RecursionError:
                 inbound.outcome = "bounce: MIME nested too deeply to read; kept"
                 return
@@ -397,7 +397,7 @@ class Pipeline:
                              description={"inbound": inbound.id, "reason": own})
                 return
             try:
-                msg = email.message_from_bytes(raw, policy=policy.default)
+                msg = email.message_from_bytes(raw, policy=INBOUND)
             except RecursionError:
                 inbound.outcome = "refused: MIME nested too deeply to read; nothing changed"
                 record_event(s, action="reply_refused", actor=from_addr or "<>",
