@@ -2,7 +2,7 @@
 """Set-up-and-run for a fresh machine with only Python 3.11+.
 
     python3 dev.py demo     # the full provider -> parent -> school round trip
-    python3 dev.py test     # the test suite
+    python3 dev.py test     # the test suite, over this machine's CPUs (-n 0: one process)
     python3 dev.py bench    # the intake benchmark
 
 Creates .venv beside this file and installs the project into it (again only when
@@ -40,6 +40,17 @@ def ensure_venv() -> None:
     stamp.write_text(want)
 
 
+def parallel(rest: list[str]) -> list[str]:
+    """pytest-xdist options: the suite spread over this machine's CPUs (at most four),
+    unless the caller chose (``-n 0`` runs it in one process). Each worker gets a test
+    database of its own on PostgreSQL (tests/conftest.py), so none sees another's tables.
+    ``worksteal``: the long crash test must not leave a worker with a queue behind it."""
+    if any(a.startswith(("-n", "--numprocesses")) or a in ("no:xdist", "-pno:xdist")
+           for a in rest):
+        return []
+    return ["-n", "auto", "--maxprocesses", "4", "--dist", "worksteal"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test", "bench", "lint"):
         print(__doc__)
@@ -49,7 +60,7 @@ def main(argv: list[str]) -> int:
     if cmd == "demo":
         args = [str(BIN / "broker"), "demo", *rest]
     elif cmd == "test":
-        args = [str(PY), "-m", "pytest", *rest]
+        args = [str(PY), "-m", "pytest", *parallel(rest), *rest]
     elif cmd == "bench":
         args = [str(PY), str(ROOT / "bench" / "intake.py"), *rest]
     else:
