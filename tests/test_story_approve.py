@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def test_approve_releases_to_school_members(world: World) -> None:
         assert "Sam worked on handwriting" in body
         assert "Do not pass it on without the family's written permission" in body
         assert "Dana Rivera" in body  # released by
+    # One decision, one moment: every copy says it was released when the record was
+    # decided, in its Date header and in its "Released by" line alike.
+    lines = {next(ln for ln in c.text().splitlines() if ln.startswith("Released by"))
+             for c in copies}
+    assert len(lines) == 1 and len({str(c.msg["Date"]) for c in copies}) == 1
     # The provider never receives its own report back.
     assert not [m for m in world.to("lee@clinic.example") if "handwriting" in m.text()]
 
@@ -82,6 +88,8 @@ def test_approve_releases_to_school_members(world: World) -> None:
             assert desc["sha256"] == sent[rcpt]
             assert desc["released_by"] == "dana@home.example"
         assert verify_log(s).ok
+        decided = record.decided_at.replace(tzinfo=UTC)
+    assert {c.msg["Date"].datetime for c in copies} == {decided.replace(microsecond=0)}
     # What reached the school is byte-for-byte what the audit hashed.
     assert {hashlib.sha256(c.data).hexdigest() for c in copies} == set(sent.values())
     # The provider is told it was shared: not to whom, not what.

@@ -112,11 +112,13 @@ def release(
     purposes = {e: (consents[c.consent_id].purpose if c.consent_id in consents
                     else "parent-directed disclosure") for e, c in basis.items()}
     hashes: dict[str, str] = {}
+    texts: dict[str, str] = {}  # the body for each basis, rendered once for all copies
     for person in recipients:
         # One call per recipient so each summary carries its own purpose.
         hashes.update(queue_release(
             s, rt.content, rt.settings.domain, record, content, [person], released_by,
-            signer=notifier.signer, basis=footers,
+            signer=notifier.signer, basis=footers, released_at=record.decided_at,
+            texts=texts,
             notices=ev.notices if ev else (),
             summary_extra={
                 "released_by": actor, "purpose": purposes[person.email],

@@ -6,6 +6,7 @@ approved ReleaseContent, so only what the parent saw in the preview can leave.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
 
@@ -33,6 +34,8 @@ def queue_release(
     basis: Mapping[str, tuple[int | None, str]] | None = None,
     notices: Sequence[str] = (),
     summary_extra: Mapping[str, object] | None = None,
+    released_at: dt.datetime | None = None,
+    texts: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Queues the copies; returns recipient -> sha256 of the exact bytes queued.
 
@@ -47,14 +50,18 @@ def queue_release(
     ``basis``: recipient -> (consent id or None, the words for the footer); each copy's
     footer names the basis it goes out under, and the copy row remembers the consent (a
     revocation cancels the copies still queued under it). ``notices``: lines every copy
-    carries (e.g. the 42 CFR part 2 notice)."""
+    carries (e.g. the 42 CFR part 2 notice).
+
+    ``released_at`` (default: now) and ``texts``: a caller queueing one release in several
+    calls passes the same moment and the same dict, so every copy says it was released at
+    the same time, and the body for each basis is rendered once, not once per call."""
     blocked = [f"{p.email} {why}" for p in recipients if (why := withheld(p))]
     if blocked:
         raise EncryptionRequired("; ".join(blocked))
     child = record.child
-    released_at = utcnow()
+    released_at = released_at or utcnow()
     basis = dict(basis or {})
-    texts: dict[str, str] = {}
+    texts = {} if texts is None else texts
 
     def text_for(label: str) -> str:
         if label not in texts:
