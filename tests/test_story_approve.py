@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 
 import pytest

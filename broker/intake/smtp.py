@@ -38,6 +38,7 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session as SMTPSession
 
+from broker.intake.data import OneBufferData
 from broker.intake.spool import Envelope, Spool
 
 log = logging.getLogger(__name__)
@@ -472,9 +473,10 @@ def _parse_command_address(arg: str) -> tuple[str | None, str | None]:
     return address.addr_spec, rest
 
 
-class _LimitedSMTP(SMTP):
+class _LimitedSMTP(OneBufferData):
     """aiosmtpd's SMTP that first asks the server whether this client address may open
-    one more session; if not, it answers 421 at connect and hangs up (RFC 5321 3.1)."""
+    one more session; if not, it answers 421 at connect and hangs up (RFC 5321 3.1). Its
+    DATA gathers the message into one buffer (broker.intake.data)."""
 
     def __init__(self, admit: Callable[[Any], str | None], release: Callable[[str], None],
                  *args: Any, **kwargs: Any) -> None:
