@@ -2,7 +2,8 @@
 and stores exactly what aiosmtpd's own DATA does: the same bytes are sent over real SMTP to
 the broker's intake and to a plain aiosmtpd server on 127.0.0.1, and their replies and the
 bytes each kept are compared. Then: a large message costs the intake about twice its size
-in memory, where aiosmtpd's own DATA took four times."""
+in memory, where aiosmtpd's own DATA took four times; and a line that never ends costs it
+nothing, where aiosmtpd kept every piece of it."""
 
 from __future__ import annotations
 
@@ -203,3 +204,54 @@ def test_a_large_message_costs_the_intake_about_twice_its_size() -> None:
                          capture_output=True, text=True, timeout=300)
     ratio = float(out.stdout.split()[-1])
     assert ratio < 2.6, ratio
+
+
+ENDLESS = textwrap.dedent("""
+    import smtplib, tempfile, threading
+    from pathlib import Path
+    from broker.intake.smtp import IntakeHandler, IntakeServer, address_acceptor
+    from broker.intake.spool import Spool
+    from broker.memory import return_large_blocks
+
+    return_large_blocks()  # as broker serve does
+
+    def hwm_kb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
+    line = b"x" * (32 * 1024 * 1024)  # one line, no CRLF until its end
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = Spool(Path(tmp) / "spool")
+        handler = IntakeHandler(spool, address_acceptor("records.example", lambda: {"sam"}))
+        server = IntakeServer(handler, "127.0.0.1", 0)
+        server.start()
+        got = {}
+        def send():
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=120) as c:
+                c.ehlo(); c.mail("lee@clinic.example"); c.rcpt("sam@records.example")
+                c.putcmd("data"); c.getreply()
+                c.send(b"Subject: endless\\r\\n\\r\\n")
+                c.send(line)
+                c.send(b"\\r\\n.\\r\\n")
+                got["reply"] = c.getreply()
+                got["next"] = c.noop()
+        before = hwm_kb()
+        t = threading.Thread(target=send)
+        t.start(); t.join()
+        server.stop(); handler.close()
+        print(got["reply"][0], got["next"][0], len(spool.pending()),
+              (hwm_kb() - before) / 1024)
+        spool.close()
+""")
+
+
+def test_a_line_that_never_ends_costs_the_intake_no_memory() -> None:
+    """32 MB without a line end: refused (500, line too long, after the final dot), the
+    session still usable, nothing stored, and the intake's peak memory barely moves
+    (aiosmtpd's own DATA keeps every piece of the line: +32 MB or more)."""
+    out = subprocess.run([sys.executable, "-c", ENDLESS], cwd=REPO, check=True,
+                         capture_output=True, text=True, timeout=300)
+    reply, after, stored, grown_mb = out.stdout.split()
+    assert (int(reply), int(after), int(stored)) == (500, 250, 0)
+    assert float(grown_mb) < 8, grown_mb
