@@ -8,9 +8,11 @@ nothing, where aiosmtpd kept every piece of it."""
 from __future__ import annotations
 
 import smtplib
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,27 +80,42 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     p.stop()
 
 
-def _wire(port: int, wire: bytes) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+def _wire(port: int, wire: bytes, pieces: tuple[int, ...] = ()) -> tuple[
+        tuple[int, bytes], tuple[int, bytes]]:
     """``wire`` (already dot-stuffed) as one message's DATA, then a small message on the
-    same session: (the reply to the first, the reply to the second)."""
+    same session: (the reply to the first, the reply to the second). ``pieces``: sizes
+    (repeated) in which to send it, each a write of its own with a pause after it, so
+    the server reads it in those pieces (the terminator split anywhere)."""
     with smtplib.SMTP("127.0.0.1", port, local_hostname="clinic.example", timeout=10) as c:
         c.ehlo()
+        assert c.sock is not None
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         replies = []
         for body in (wire, b"Subject: next\r\n\r\nstill usable\r\n"):
             assert c.mail("lee@clinic.example")[0] == 250
             assert c.rcpt(SAM)[0] == 250
             c.putcmd("data")
             assert c.getreply()[0] == 354
-            c.send(body + b".\r\n")
+            data = body + b".\r\n"
+            if pieces and body is wire:
+                at, k = 0, 0
+                while at < len(data):
+                    n = pieces[k % len(pieces)]
+                    c.send(data[at:at + n])
+                    at, k = at + n, k + 1
+                    time.sleep(0.0005)
+            else:
+                c.send(data)
             replies.append(c.getreply())
         return replies[0], replies[1]
 
 
-def _both(pair: Pair, wire: bytes) -> None:
+def _both(pair: Pair, wire: bytes, pieces: tuple[int, ...] = ()) -> None:
     ours_port, plain_port = pair.ports()
     before_ours = {e.id for e in pair.spool.pending()}
     before_plain = len(pair.keeper.kept)
-    (ours, ours_next), (plain, plain_next) = _wire(ours_port, wire), _wire(plain_port, wire)
+    ours, ours_next = _wire(ours_port, wire, pieces)
+    plain, plain_next = _wire(plain_port, wire, pieces)
     assert ours[0] == plain[0]
     assert ours_next[0] == plain_next[0] == 250
     if ours[0] != 250:
@@ -135,6 +152,29 @@ def test_each_edge_is_answered_and_kept_as_aiosmtpd_does(pair: Pair, wire: bytes
     _both(pair, wire)
 
 
+SHORT = [
+    b"a\r\n",  # the terminator right after a one-byte line
+    b"\r\n",  # an empty line, then the terminator
+    b"\r\n\r\n",
+    b"..\r\n",  # a stuffed first line
+    b"..\r\n..\r\n",
+    b"\r\n..\r\n\r\n",
+    b"x\r\n.\r\r\n",  # almost a terminator
+    b"x\r\n.\n\r\n",
+    b"x\r.\r\n",
+    b"\r.\r\n",
+    b"Subject: s\r\n\r\n" + b"w" * 1100 + b"\r\n",
+]
+
+
+@pytest.mark.parametrize("pieces", [(1,), (2,), (3,), (4,), (1, 5, 2)], ids=str)
+@pytest.mark.parametrize("wire", SHORT, ids=range(len(SHORT)))
+def test_short_messages_sent_in_pieces_as_aiosmtpd_does(
+        pair: Pair, wire: bytes, pieces: tuple[int, ...]) -> None:
+    """The terminator (and the line end before it) split across reads at every place."""
+    _both(pair, wire, pieces)
+
+
 lines = st.lists(
     st.one_of(
         st.binary(max_size=40),
@@ -147,9 +187,11 @@ lines = st.lists(
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=lines)
-def test_any_lines_are_answered_and_kept_as_aiosmtpd_does(pair: Pair, body: list[bytes]) -> None:
-    _both(pair, b"".join(b + b"\r\n" for b in body))
+@given(body=lines, pieces=st.one_of(st.just(()), st.lists(st.integers(1, 700), min_size=1,
+                                                             max_size=6).map(tuple)))
+def test_any_lines_are_answered_and_kept_as_aiosmtpd_does(
+        pair: Pair, body: list[bytes], pieces: tuple[int, ...]) -> None:
+    _both(pair, b"".join(b + b"\r\n" for b in body), pieces)
 
 
 # -- memory -------------------------------------------------------------------------------
