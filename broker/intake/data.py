@@ -99,8 +99,10 @@ class OneBufferData(SMTP):
             nonlocal kept, state
             if not kept:
                 return
-            if len(piece) > self.line_length_limit and b"\r\n" not in piece:
-                # A line longer than the reader's buffer: refused whatever follows.
+            if len(piece) > self.line_length_limit + 3 and b"\r\n" not in piece:
+                # A line longer than the reader's buffer (even if this piece began with
+                # the LF of a CRLF and ends with the CR of the next): refused whatever
+                # follows, as aiosmtpd refuses it the moment its buffer overruns.
                 state, kept = _DataState.TOO_LONG, False
                 return
             wire.extend(piece)
