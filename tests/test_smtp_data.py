@@ -196,8 +196,9 @@ def test_any_lines_are_answered_and_kept_as_aiosmtpd_does(
 
 # -- memory -------------------------------------------------------------------------------
 
-PROBE = textwrap.dedent("""
-    import smtplib, sys, tempfile, threading
+# The start of both probes: a fresh process's peak memory (VmHWM), as broker serve runs.
+PREAMBLE = textwrap.dedent("""
+    import smtplib, tempfile, threading
     from pathlib import Path
     from broker.intake.smtp import IntakeHandler, IntakeServer, address_acceptor
     from broker.intake.spool import Spool
@@ -209,6 +210,9 @@ PROBE = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
+""")
+
+PROBE = PREAMBLE + textwrap.dedent("""
 
     size = 24 * 1024 * 1024
     # base64-like lines, 76 characters each: what an attached PDF looks like on the wire
@@ -248,19 +252,7 @@ def test_a_large_message_costs_the_intake_about_twice_its_size() -> None:
     assert ratio < 2.6, ratio
 
 
-ENDLESS = textwrap.dedent("""
-    import smtplib, tempfile, threading
-    from pathlib import Path
-    from broker.intake.smtp import IntakeHandler, IntakeServer, address_acceptor
-    from broker.intake.spool import Spool
-    from broker.memory import return_large_blocks
-
-    return_large_blocks()  # as broker serve does
-
-    def hwm_kb():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+ENDLESS = PREAMBLE + textwrap.dedent("""
 
     line = b"x" * (32 * 1024 * 1024)  # one line, no CRLF until its end
     with tempfile.TemporaryDirectory() as tmp:
