@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 
 import aiosmtpd
 from aiosmtpd.smtp import SMTP
@@ -45,10 +46,12 @@ except ImportError:  # pragma: no cover - a later aiosmtpd: its own DATA runs
     _DataState = None  # type: ignore[assignment,misc]
 
 
+_FOLLOWED = _DataState is not None and aiosmtpd.__version__.startswith(FOLLOWS)
+
+
 def replaced(server: SMTP) -> bool:
     """Whether ``server``'s DATA is gathered here (else aiosmtpd's own runs)."""
-    return (_DataState is not None and aiosmtpd.__version__.startswith(FOLLOWS)
-            and not server._decode_data and "DATA" in server._handle_hooks)
+    return _FOLLOWED and not server._decode_data and "DATA" in server._handle_hooks
 
 
 class OneBufferData(SMTP):
@@ -166,17 +169,18 @@ def _judge(wire: bytearray, *, complete: bool, limit: int | None, longest: int,
     if complete and (not limit or len(wire) <= limit) and _longest_line(wire) + 2 <= longest:
         return _DataState.NOMINAL
     size = 0
-    lines = wire.split(b"\r\n")
-    ended, rest = lines[:-1], lines[-1]  # rest: a line whose end was not kept (or b"")
-    for line in ended:
-        if len(line) > longest:
+    lengths = _line_lengths(wire)  # a refused 25 MB message: no list of its lines
+    rest = next(lengths)
+    for following in lengths:
+        line, rest = rest, following  # rest: a line whose end was not kept (or 0)
+        if line > longest:
             return _DataState.TOO_LONG  # longer than the reader's buffer: refused at once
-        size += len(line) + 2
+        size += line + 2
         if limit and size > limit:
             return _DataState.TOO_MUCH
-        if len(line) + 2 > longest:
+        if line + 2 > longest:
             return _DataState.TOO_LONG
-    if known != _DataState.NOMINAL or len(rest) > longest:
+    if known != _DataState.NOMINAL or rest > longest:
         return _DataState.TOO_LONG
     return _DataState.TOO_MUCH  # what was not kept was past the size limit
 
@@ -184,9 +188,15 @@ def _judge(wire: bytearray, *, complete: bool, limit: int | None, longest: int,
 def _longest_line(data: bytearray) -> int:
     """Bytes in the longest line of ``data`` (CRLF-ended lines, CRLF not counted)."""
     if len(data) <= SPLIT_UP_TO:
-        return max(map(len, data.split(b"\r\n")))
-    longest, start, find = 0, 0, data.find  # a 25 MB message: no list of its lines
+        return max(map(len, data.split(b"\r\n")))  # a list of lines: faster, when short
+    return max(_line_lengths(data))
+
+
+def _line_lengths(data: bytearray) -> Iterator[int]:
+    """The length of each CRLF-ended line of ``data`` (CRLF not counted), then of what
+    follows the last CRLF (0 when ``data`` ends with one)."""
+    start, find = 0, data.find
     while (end := find(b"\r\n", start)) >= 0:
-        longest = max(longest, end - start)
+        yield end - start
         start = end + 2
-    return max(longest, len(data) - start)
+    yield len(data) - start
